@@ -1,0 +1,84 @@
+"""The one checkpoint format: a single file of plain tensors, strings and numbers.
+
+    {"format": "captioner", "version": 1,
+     "config": Config.to_dict(), "vocab": [words...], "decoder": state_dict,
+     "encoder": {"name", "weights", "fingerprint", "feature_dim"},
+     "provenance": {"dataset", "train_split", "epoch", "dev": {...}, "created", "torch"},
+     "training": {...}   # optimizer/scheduler/RNG state; only in last.pt, for --resume}
+
+It loads with `torch.load(path, weights_only=True)`: no pickled classes, nothing executable.
+"""
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError
+from .decoder import CaptionDecoder
+from .features import atomic_save
+from .text import Vocabulary
+
+FORMAT, VERSION = "captioner", 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not a captioner checkpoint, is damaged, or does not fit the model."""
+
+
+def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: CaptionDecoder,
+                    encoder_info: dict, provenance: dict, training: dict | None = None,
+                    half: bool = False) -> None:
+    weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
+               for k, v in decoder.state_dict().items()}
+    payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "vocab": list(vocab.words),
+               "decoder": weights, "encoder": dict(encoder_info), "provenance": dict(provenance)}
+    if training is not None:
+        payload["training"] = training
+    atomic_save(payload, path)
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict, checked for shape; CheckpointError naming the file otherwise."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(f"{path}: refused to load: it holds Python objects that could run code, "
+                              f"not a captioner checkpoint ({str(error).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or not a torch file?): "
+                              f"{str(error).splitlines()[0][:200]}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: a torch file, but not a captioner checkpoint (no 'format': 'captioner')")
+    if payload.get("version") != VERSION:
+        raise CheckpointError(f"{path}: checkpoint version {payload.get('version')} is not supported (this is {VERSION})")
+    missing = {"config", "vocab", "decoder", "encoder"} - set(payload)
+    if missing:
+        raise CheckpointError(f"{path}: checkpoint lacks {', '.join(sorted(missing))}")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, CaptionDecoder, dict]:
+    """Config, vocabulary, decoder (eval mode, CPU, fp32) and the raw payload of a checkpoint."""
+    payload = read_checkpoint(path)
+    try:
+        config = Config.from_dict(payload["config"], source=f"{path} (config)")
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+    try:
+        vocab = Vocabulary(payload["vocab"])
+    except (ValueError, TypeError) as error:
+        raise CheckpointError(f"{path}: bad vocabulary: {error}") from None
+    decoder = CaptionDecoder(len(vocab), int(payload["encoder"]["feature_dim"]), config.decoder)
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in payload["decoder"].items()}
+    try:
+        decoder.load_state_dict(weights)
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the model its config describes "
+                              f"(vocabulary {len(vocab)} words, cell {config.decoder.cell}): {str(error)[:400]}") from None
+    return config, vocab, decoder.eval(), payload

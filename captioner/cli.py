@@ -1,0 +1,121 @@
+"""The `captioner` command: train, evaluate, caption, download."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .config import ConfigError
+
+EXIT_ERROR = 1
+
+
+def _decode_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("decoding (defaults: the checkpoint's config)")
+    group.add_argument("--beam-size", type=int, help="1 = greedy")
+    group.add_argument("--max-length", type=int, help="most words per caption")
+    group.add_argument("--min-length", type=int)
+    group.add_argument("--length-penalty", type=float, help="score = log-prob / length**penalty")
+    group.add_argument("--no-repeat-ngram-size", type=int, help="block repeated n-grams (0: off)")
+
+
+def _decode_options(args) -> dict:
+    return {"beam_size": args.beam_size, "max_length": args.max_length, "min_length": args.min_length,
+            "length_penalty": args.length_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a decoder on cached encoder features")
+    train.add_argument("--config", help="YAML config (see configs/)")
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
+    train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from last.pt")
+    train.add_argument("--no-progress", action="store_true")
+
+    evaluate = commands.add_parser("evaluate", help="BLEU-1..4 of a checkpoint on a split")
+    evaluate.add_argument("--checkpoint", required=True)
+    evaluate.add_argument("--split", default="test", choices=["train", "dev", "val", "test"])
+    evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                          help="override the checkpoint's config, e.g. data.root=/data/flickr8k")
+    evaluate.add_argument("--out", help="write the generated captions as JSONL")
+    evaluate.add_argument("--device", default="cpu")
+    evaluate.add_argument("--no-progress", action="store_true")
+    _decode_arguments(evaluate)
+
+    caption = commands.add_parser("caption", help="caption image files and folders")
+    caption.add_argument("paths", nargs="+", metavar="PATH")
+    caption.add_argument("--checkpoint", help="default: the model shipped with captioner")
+    caption.add_argument("--out", help="write rows to FILE.jsonl or FILE.csv (default: print)")
+    caption.add_argument("--batch-size", type=int, default=16)
+    caption.add_argument("--workers", type=int, default=1, help="processes decoding image files")
+    caption.add_argument("--device", default="cpu")
+    caption.add_argument("--no-progress", action="store_true")
+    _decode_arguments(caption)
+
+    download = commands.add_parser("download", help="fetch a dataset (needs internet)")
+    download.add_argument("dataset", choices=["flickr8k"])
+    download.add_argument("--root", required=True, help="folder to unpack into")
+    download.add_argument("--base-url", help="where the release archives are served")
+    return parser
+
+
+def run(args) -> int:
+    if args.command == "train":
+        from .config import load_config
+        from .train import train
+
+        train(load_config(args.config, args.set), resume=args.resume, progress=not args.no_progress)
+        return 0
+    if args.command == "evaluate":
+        from .evaluate import evaluate
+
+        result = evaluate(args.checkpoint, args.split, args.set, _decode_options(args), args.out, args.device,
+                          progress=not args.no_progress)
+        names = ["bleu1", "bleu2", "bleu3", "bleu4"]
+        print(f"{result['dataset']} {result['split']} ({result['images']} images), beam {result['beam_size']}: "
+              + ", ".join(f"BLEU-{n[-1]} {result[n]:.4f}" for n in names))
+        print(json.dumps(result))
+        return 0
+    if args.command == "caption":
+        from .caption import caption_paths
+        from .inference import Captioner
+
+        if args.batch_size < 1:
+            raise ConfigError("--batch-size must be >= 1")
+        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+        return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers,
+                             progress=not args.no_progress, **_decode_options(args))
+    if args.command == "download":
+        from .download import DEFAULT_BASE_URL, download_flickr8k
+
+        root = download_flickr8k(args.root, base_url=args.base_url or DEFAULT_BASE_URL)
+        print(f"Flickr8k is ready in {root}")
+        return 0
+    raise AssertionError(args.command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .checkpoint import CheckpointError
+    from .data import DatasetError
+    from .download import DownloadError
+    from .encoder import EncoderError
+    from .train import TrainingError
+    from .transform import ImageLoadError
+
+    expected = (ConfigError, CheckpointError, DatasetError, DownloadError, EncoderError, TrainingError,
+                ImageLoadError, FileNotFoundError, PermissionError, IsADirectoryError)
+    try:
+        return run(args)
+    except expected as error:
+        print(f"captioner: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("captioner: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

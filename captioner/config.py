@@ -1,0 +1,190 @@
+"""The run configuration: nested dataclasses loaded from YAML, checked strictly.
+
+Every value a run depends on lives here, so a checkpoint that stores `asdict(config)` can
+rebuild its model, transform and data without any other file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that is malformed, unknown or out of range."""
+
+
+@dataclass
+class DataConfig:
+    format: str = "flickr8k"  # flickr8k | karpathy | csv
+    root: str = "../shared/data/flickr8k"  # dataset folder (flickr8k), or folder the image paths are relative to
+    annotations: str = ""  # karpathy: dataset_*.json; csv: image,caption[,split] file
+    min_word_count: int = 5  # words seen fewer times in train captions become <unk>
+    max_caption_length: int = 30  # longer training captions are truncated (in words)
+
+
+@dataclass
+class EncoderConfig:
+    name: str = "efficientnet_lite0"
+    weights: str = "default"  # default | none | path to a state_dict file
+    image_size: int = 224  # images are resized to image_size x image_size (aspect not kept, as the training photos)
+    batch_size: int = 16
+    num_workers: int = 1  # processes decoding images while the CNN runs
+
+
+@dataclass
+class DecoderConfig:
+    cell: str = "lstm"  # lstm | gru | rnn
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+
+
+@dataclass
+class DecodeConfig:
+    beam_size: int = 3
+    max_length: int = 20
+    min_length: int = 1
+    length_penalty: float = 0.0  # hypothesis score = log-prob / length**length_penalty
+    no_repeat_ngram_size: int = 3  # 0 disables repeat blocking
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/flickr8k"
+    cache_dir: str = ".cache/features"
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    grad_clip: float = 5.0
+    label_smoothing: float = 0.1
+    lr_schedule: str = "cosine"  # cosine | constant
+    warmup_steps: int = 200
+    patience: int = 3  # stop after this many epochs without a better dev BLEU-4 (0: never)
+    dev_beam_size: int = 1  # decoding used for model selection on dev
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+        config = _build(cls, values or {}, source, prefix="")
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        checks = [
+            (self.data.format in ("flickr8k", "karpathy", "csv"), "data.format must be flickr8k, karpathy or csv"),
+            (self.data.min_word_count >= 1, "data.min_word_count must be >= 1"),
+            (self.data.max_caption_length >= 1, "data.max_caption_length must be >= 1"),
+            (self.encoder.weights != "", "encoder.weights must be 'default', 'none' or a file path"),
+            (self.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
+            (self.encoder.batch_size >= 1, "encoder.batch_size must be >= 1"),
+            (self.encoder.num_workers >= 0, "encoder.num_workers must be >= 0"),
+            (self.decoder.cell in ("lstm", "gru", "rnn"), "decoder.cell must be lstm, gru or rnn"),
+            (self.decoder.embed_dim >= 1 and self.decoder.hidden_dim >= 1, "decoder sizes must be >= 1"),
+            (self.decoder.num_layers >= 1, "decoder.num_layers must be >= 1"),
+            (0.0 <= self.decoder.dropout < 1.0, "decoder.dropout must be in [0, 1)"),
+            (self.decode.beam_size >= 1, "decode.beam_size must be >= 1"),
+            (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
+            (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),
+            (self.decode.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size must be >= 0"),
+            (self.train.epochs >= 1, "train.epochs must be >= 1"),
+            (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
+            (self.train.lr > 0, "train.lr must be > 0"),
+            (self.train.grad_clip >= 0, "train.grad_clip must be >= 0 (0 disables clipping)"),
+            (0.0 <= self.train.label_smoothing < 1.0, "train.label_smoothing must be in [0, 1)"),
+            (self.train.lr_schedule in ("cosine", "constant"), "train.lr_schedule must be cosine or constant"),
+            (self.train.patience >= 0, "train.patience must be >= 0"),
+            (self.train.dev_beam_size >= 1, "train.dev_beam_size must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"{source}: {message}")
+
+
+def _build(cls, values: Any, source: str, prefix: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: '{prefix.rstrip('.') or 'top level'}' must be a mapping, got {type(values).__name__}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{source}: unknown key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in values.items():
+        kind = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = _build(kind, value, source, key + ".")
+        else:
+            kwargs[name] = _coerce(value, kind, source, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, kind: type, source: str, key: str):
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: '{key}' must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply `section.key=value` overrides."""
+    values: dict = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error.strerror or error}") from None
+        try:
+            values = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (data, encoder, decoder, decode, train)")
+    for override in overrides or []:
+        apply_override(values, override)
+    return Config.from_dict(values, source)
+
+
+def apply_override(values: dict, override: str) -> None:
+    key, sep, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not sep or len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {override!r}: expected section.key=value, e.g. train.epochs=5")
+    section, name = parts
+    values.setdefault(section, {})
+    if not isinstance(values[section], dict):
+        raise ConfigError(f"--set {override!r}: '{section}' is not a section")
+    try:
+        values[section][name] = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        values[section][name] = raw

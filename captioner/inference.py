@@ -1,0 +1,120 @@
+"""The Python API: load a checkpoint once, caption images or precomputed features.
+
+    from captioner import Captioner
+    captioner = Captioner.from_checkpoint("runs/flickr8k/best.pt")
+    captioner.caption(["photo.jpg"], beam_size=3)[0].text
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import Config, DecodeConfig
+from .decoder import CaptionDecoder
+from .encoder import Encoder, encoder_from_config
+from .features import iter_image_batches
+from .search import beam_search, greedy_search
+from .text import Vocabulary
+from .transform import ImageSource
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "default.pt"
+
+
+@dataclass
+class Caption:
+    text: str
+    score: float  # log-probability / length**length_penalty
+    finished: bool  # False when cut at max_length
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available here")
+    return torch.device(device)
+
+
+def decode_features(decoder, vocab: Vocabulary, features: torch.Tensor, options: DecodeConfig,
+                    n_best: int = 1) -> list[list[Caption]]:
+    """Features [B, D] -> the n best captions per image, batched."""
+    common = dict(max_length=options.max_length, min_length=options.min_length,
+                  no_repeat_ngram_size=options.no_repeat_ngram_size, length_penalty=options.length_penalty)
+    if options.beam_size == 1 and n_best == 1:
+        results = [[h] for h in greedy_search(decoder, features, **common)]
+    else:
+        results = beam_search(decoder, features, beam_size=max(options.beam_size, n_best), n_best=n_best, **common)
+    return [[Caption(" ".join(vocab.decode(h.tokens)), h.score, h.finished) for h in hyps] for hyps in results]
+
+
+class Captioner:
+    def __init__(self, config: Config, vocab: Vocabulary, decoder: CaptionDecoder, encoder: Encoder,
+                 device: str = "cpu"):
+        self.device = resolve_device(device)
+        self.config, self.vocab = config, vocab
+        self.decoder = decoder.to(self.device).eval()
+        self.encoder = encoder.to(self.device).eval()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu",
+                        encoder_weights: str | None = None) -> "Captioner":
+        """Load a checkpoint (the shipped default model when path is None) and the encoder it was trained on."""
+        if path is None:
+            path = DEFAULT_CHECKPOINT
+            if not path.is_file():
+                raise CheckpointError(f"no checkpoint given and no default model at {path}; "
+                                      f"train one (captioner train) and pass --checkpoint")
+        config, vocab, decoder, payload = load_checkpoint(path)
+        if encoder_weights:
+            config.encoder.weights = encoder_weights
+        encoder = encoder_from_config(config.encoder)
+        info = payload["encoder"]
+        if encoder.feature_dim != decoder.feature_dim:
+            raise CheckpointError(f"{path}: decoder expects {decoder.feature_dim}-d features but encoder "
+                                  f"{encoder.name} gives {encoder.feature_dim}")
+        if info.get("fingerprint") and info["fingerprint"] != encoder.fingerprint():
+            print(f"warning: {path} was trained on {info.get('name')} weights with fingerprint {info['fingerprint']}, "
+                  f"but the loaded encoder's is {encoder.fingerprint()}: captions may be poor", file=sys.stderr)
+        return cls(config, vocab, decoder, encoder, device)
+
+    def decode_options(self, **overrides) -> DecodeConfig:
+        options = replace(self.config.decode, **{k: v for k, v in overrides.items() if v is not None})
+        probe = Config(decode=options)
+        probe.validate("decoding options")
+        return options
+
+    @torch.inference_mode()
+    def caption_features(self, features: torch.Tensor, n_best: int = 1, **options) -> list[list[Caption]]:
+        return decode_features(self.decoder, self.vocab, features.to(self.device), self.decode_options(**options), n_best)
+
+    @torch.inference_mode()
+    def caption(self, images: Sequence[ImageSource] | ImageSource, n_best: int = 1, **options):
+        """Caption paths, bytes or PIL images. One image -> Caption; a list -> list of Caption.
+
+        With n_best > 1 each Caption becomes a list of the n best. A bad image raises ImageLoadError.
+        """
+        single = not isinstance(images, (list, tuple))
+        batch = [images] if single else list(images)
+        tensors = torch.stack([self.encoder.transform.load(image) for image in batch]) if batch else None
+        results = [] if tensors is None else self.caption_features(self.encoder(tensors.to(self.device))[0], n_best, **options)
+        results = [r if n_best > 1 else r[0] for r in results]
+        return results[0] if single else results
+
+    @torch.inference_mode()
+    def caption_files(self, paths: Sequence[str | Path], batch_size: int = 16, num_workers: int = 1, n_best: int = 1,
+                      **options) -> Iterator[tuple[int, list[Caption] | None, str | None]]:
+        """(index, captions, None) or (index, None, error) per path, in order of completion per batch."""
+        decode = self.decode_options(**options)
+        for indices, images, errors in iter_image_batches([str(p) for p in paths], self.encoder.transform,
+                                                          batch_size, num_workers):
+            for index, reason in errors:
+                yield index, None, reason
+            if images is not None:
+                pooled, _ = self.encoder(images.to(self.device))
+                for index, captions in zip(indices, decode_features(self.decoder, self.vocab, pooled, decode, n_best)):
+                    yield index, captions, None

@@ -1,0 +1,231 @@
+"""Training, top to bottom: data -> cached features -> vocabulary -> decoder -> epochs with dev BLEU.
+
+The run folder gets config.yaml, metrics.jsonl, curves.png, last.pt (everything --resume
+needs) and best.pt (best dev BLEU-4). Checkpoints are written atomically.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import replace
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .config import Config
+from .data import CaptionDataset, ImageRecord, load_dataset
+from .decoder import CaptionDecoder
+from .encoder import encoder_from_config
+from .features import FeatureTable, cached_features
+from .inference import decode_features, resolve_device
+from .metrics import bleu_scores
+from .text import Vocabulary, tokenize
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+def prepare_features(config: Config, dataset: CaptionDataset, device, progress: bool = True) -> tuple[FeatureTable, dict]:
+    """Encode every image of every split once (or read the cache); returns the table and encoder info."""
+    encoder = encoder_from_config(config.encoder)
+    paths = [r.path for records in dataset.splits.values() for r in records]
+    table = cached_features(encoder, paths, config.train.cache_dir, config.encoder.batch_size,
+                            config.encoder.num_workers, device, progress)
+    for path, reason in table.failed.items():
+        print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
+    info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
+            "feature_dim": encoder.feature_dim}
+    return table, info
+
+
+def readable(records: list[ImageRecord], table: FeatureTable) -> list[ImageRecord]:
+    return [r for r in records if str(r.path) not in table.failed]
+
+
+def caption_tensor(records: list[ImageRecord], vocab: Vocabulary, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """All captions as one padded [N, max_words + 2] tensor (<bos> words <eos>) and each one's image row."""
+    rows, images = [], []
+    for image_index, record in enumerate(records):
+        for caption in record.captions:
+            ids = vocab.encode(tokenize(caption))[:max_words]
+            if ids:
+                rows.append([vocab.bos, *ids, vocab.eos])
+                images.append(image_index)
+    tokens = torch.full((len(rows), max_words + 2), vocab.pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        tokens[i, : len(row)] = torch.tensor(row)
+    return tokens, torch.tensor(images)
+
+
+@torch.inference_mode()
+def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, records: list[ImageRecord], decode,
+                      device, batch_size: int = 256, progress: bool = False) -> tuple[dict[str, float], list[str]]:
+    """Decode every image once, batched, and score BLEU-1..4 against all its references."""
+    decoder.eval()
+    captions = []
+    for start in tqdm(range(0, len(records), batch_size), desc="decoding", disable=not progress, file=sys.stderr):
+        batch = features[start:start + batch_size].to(device)
+        captions += [hyps[0].text for hyps in decode_features(decoder, vocab, batch, decode)]
+    references = [[tokenize(c) for c in r.captions] for r in records]
+    return bleu_scores(references, [c.split() for c in captions]), captions
+
+
+def lr_lambda(config: Config, total_steps: int):
+    warmup = config.train.warmup_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.train.lr_schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def plot_curves(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+    left.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
+    right.plot(epochs, [h["dev_bleu4"] for h in history], marker="o", color="tab:green")
+    right.set(title="dev BLEU-4", xlabel="epoch", ylabel="BLEU-4 (nltk corpus_bleu)")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=100)
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
+    out_dir = Path(config.train.out_dir)
+    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    state = None
+    if resume:
+        if not last_path.is_file():
+            raise TrainingError(f"--resume: no {last_path} to resume from")
+        state = read_checkpoint(last_path)
+        if "training" not in state:
+            raise CheckpointError(f"{last_path}: has no training state to resume from")
+        saved = Config.from_dict(state["config"], source=str(last_path))
+        config = replace(saved, train=replace(saved.train, epochs=config.train.epochs, patience=config.train.patience,
+                                              device=config.train.device, threads=config.train.threads))
+    elif last_path.exists():
+        raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it, "
+                            f"or choose another train.out_dir")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    device = resolve_device(config.train.device)
+    random.seed(config.train.seed)
+    torch.manual_seed(config.train.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+    dataset = load_dataset(config.data)
+    for note in dataset.notes:
+        print(f"note: {note}", file=sys.stderr)
+    table, encoder_info = prepare_features(config, dataset, device, progress)
+    train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
+    if state is not None:
+        vocab = Vocabulary(state["vocab"])
+    else:
+        vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
+    train_features = table.lookup([r.path for r in train_records])
+    dev_features = table.lookup([r.path for r in dev_records])
+    tokens, image_rows = caption_tensor(train_records, vocab, config.data.max_caption_length)
+    print(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
+          f"vocabulary {len(vocab)} words, device {device}", file=sys.stderr)
+
+    decoder = CaptionDecoder(len(vocab), encoder_info["feature_dim"], config.decoder).to(device)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
+    steps_per_epoch = math.ceil(len(tokens) / config.train.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch * config.train.epochs))
+    loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=config.train.label_smoothing)
+    history: list[dict] = []
+    best_bleu4, bad_epochs, start_epoch = -1.0, 0, 1
+    if state is not None:
+        training = state["training"]
+        decoder.load_state_dict(state["decoder"])
+        optimizer.load_state_dict(training["optimizer"])
+        scheduler.load_state_dict(training["scheduler"])
+        torch.set_rng_state(training["rng"])
+        history, best_bleu4 = list(training["history"]), float(training["best_bleu4"])
+        bad_epochs, start_epoch = int(training["bad_epochs"]), int(training["epoch"]) + 1
+        print(f"resuming {out_dir} after epoch {start_epoch - 1} (best dev BLEU-4 {best_bleu4:.4f})", file=sys.stderr)
+
+    dev_decode = replace(config.decode, beam_size=config.train.dev_beam_size)
+    for epoch in range(start_epoch, config.train.epochs + 1):
+        if config.train.patience and bad_epochs >= config.train.patience:
+            break
+        started = time.perf_counter()
+        decoder.train()
+        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(config.train.seed * 1000 + epoch))
+        total_loss, total_count = 0.0, 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.train.epochs}", disable=not progress,
+                   file=sys.stderr)
+        for step in bar:
+            batch = order[step * config.train.batch_size:(step + 1) * config.train.batch_size]
+            captions = tokens[batch]
+            captions = captions[:, : int((captions != vocab.pad).sum(1).max())].to(device)
+            features = train_features[image_rows[batch]].to(device)
+            logits = decoder(features, captions[:, :-1])
+            loss = loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.train.grad_clip:
+                nn.utils.clip_grad_norm_(decoder.parameters(), config.train.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            total_loss += loss.item() * len(batch)
+            total_count += len(batch)
+            if step % 20 == 0:
+                bar.set_postfix(loss=f"{total_loss / total_count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        bar.close()
+        train_seconds = time.perf_counter() - started
+
+        dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device)
+        record = {"epoch": epoch, "train_loss": total_loss / max(total_count, 1), "lr": scheduler.get_last_lr()[0],
+                  "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
+                  **{f"dev_{k}": round(v, 5) for k, v in dev.items()}}
+        history.append(record)
+        improved = dev["bleu4"] > best_bleu4
+        best_bleu4, bad_epochs = (dev["bleu4"], 0) if improved else (best_bleu4, bad_epochs + 1)
+        print(f"epoch {epoch}: loss {record['train_loss']:.3f}, dev BLEU-4 {dev['bleu4']:.4f} "
+              f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s", file=sys.stderr)
+
+        provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
+                      "train_images": len(train_records), "epoch": epoch, "dev": record,
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+        training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(), "history": history, "best_bleu4": best_bleu4, "bad_epochs": bad_epochs}
+        if improved:
+            save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance)
+        save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training)
+        write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        plot_curves(history, out_dir / "curves.png")
+    print(f"best dev BLEU-4 {best_bleu4:.4f}: {best_path}", file=sys.stderr)
+    return best_path

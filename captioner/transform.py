@@ -1,0 +1,86 @@
+"""The one image transform, shared by feature extraction, training, evaluation, the CLI and the app.
+
+A user's photo goes through exactly what the training photos went through: decoded, turned
+upright by its EXIF orientation, converted to RGB, resized to a square (the shared Flickr8k
+images are 224x224 with aspect not kept, so the aspect is not kept here either) and normalised
+with the encoder's statistics.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageLoadError(ValueError):
+    """A file that is not a readable image; the message names the file and the reason."""
+
+
+ImageSource = str | Path | bytes | Image.Image
+
+
+def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
+    """Open any image Pillow reads as an upright RGB picture, or raise ImageLoadError."""
+    if isinstance(source, Image.Image):
+        return to_rgb(ImageOps.exif_transpose(source))
+    name = "<bytes>" if isinstance(source, bytes) else str(source)
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            if draft_size and image.format == "JPEG":
+                image.draft("RGB", (draft_size, draft_size))  # decode big JPEGs at a reduced scale: much faster
+            image.load()  # decode now, so truncated data fails here and not later
+            return to_rgb(ImageOps.exif_transpose(image))
+    except FileNotFoundError:
+        raise ImageLoadError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise ImageLoadError(f"{name}: is a directory, not an image") from None
+    except PermissionError:
+        raise ImageLoadError(f"{name}: permission denied") from None
+    except UnidentifiedImageError:
+        raise ImageLoadError(f"{name}: not an image (or a format Pillow cannot read)") from None
+    except Image.DecompressionBombError as error:
+        raise ImageLoadError(f"{name}: refused, too many pixels ({error})") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        raise ImageLoadError(f"{name}: corrupt or truncated image ({error})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit and float greyscale: scale to 8 bits
+        array = np.asarray(image, dtype=np.float64)
+        high = array.max() if array.size else 0
+        scale = 255.0 / 65535.0 if high > 255 else 1.0
+        image = Image.fromarray(np.clip(array * scale, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P" and "transparency" in image.info or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "La", "RGBa"):  # transparent areas become white, not black
+        image = image.convert("RGBA")
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image)
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """An RGB PIL image -> normalised float tensor [3, image_size, image_size]."""
+        size = self.image_size
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BILINEAR)
+        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
+        mean = torch.tensor(self.mean).view(3, 1, 1)
+        std = torch.tensor(self.std).view(3, 1, 1)
+        return (pixels - mean) / std
+
+    def load(self, source: ImageSource) -> torch.Tensor:
+        return self(load_image(source, draft_size=self.image_size))
+
+    def key(self) -> str:
+        return f"square{self.image_size}-bilinear-mean{','.join(f'{m:.4f}' for m in self.mean)}-std{','.join(f'{s:.4f}' for s in self.std)}"

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny Flickr8k-layout dataset of drawn shapes, and a tiny-model config."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from captioner.config import Config
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
+
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
+SHAPES = ("circle", "square")
+
+torch.set_num_threads(2)
+
+
+def draw(color: str, shape: str, seed: int, size: int = 96) -> Image.Image:
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    pen = ImageDraw.Draw(image)
+    offset = 8 + (seed * 7) % 20
+    box = (offset, offset, offset + 50, offset + 50)
+    (pen.ellipse if shape == "circle" else pen.rectangle)(box, fill=COLORS[color])
+    return image
+
+
+def make_flickr8k(root: Path) -> Path:
+    """Flickr8k release layout: images/, Flickr8k.token.txt and three split files (24 images)."""
+    images = root / "images"
+    images.mkdir(parents=True)
+    token_lines, names = [], []
+    for color in COLORS:
+        for shape in SHAPES:
+            for seed in range(3):
+                name = f"{color}_{shape}_{seed}.jpg"
+                draw(color, shape, seed).save(images / name, quality=95)
+                names.append(name)
+                captions = [f"A {color} {shape} on a white background .", f"a {color} {shape} .",
+                            f"A {shape} that is {color} .", f"The {color} {shape} is drawn on white .",
+                            f"a big {color} {shape}"]
+                token_lines += [f"{name}#{i}\t{c}" for i, c in enumerate(captions)]
+    (root / "Flickr8k.token.txt").write_text("\n".join(token_lines) + "\n")
+    splits = {"train": [n for n in names if not n.endswith(("_2.jpg",))],
+              "dev": [n for n in names if n.endswith("_2.jpg") and "circle" in n],
+              "test": [n for n in names if n.endswith("_2.jpg") and "square" in n]}
+    for split, file in (("train", "trainImages"), ("dev", "devImages"), ("test", "testImages")):
+        (root / f"Flickr_8k.{file}.txt").write_text("\n".join(splits[split]) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_flickr8k(tmp_path_factory) -> Path:
+    return make_flickr8k(tmp_path_factory.mktemp("flickr8k"))
+
+
+def tiny_config(data_root: Path, out_dir: Path, cache_dir: Path, **train) -> Config:
+    values = {
+        "data": {"format": "flickr8k", "root": str(data_root), "min_word_count": 1},
+        "encoder": {"image_size": 64, "batch_size": 8, "num_workers": 0},
+        "decoder": {"embed_dim": 32, "hidden_dim": 48, "dropout": 0.1},
+        "decode": {"beam_size": 2, "max_length": 10},
+        "train": {"out_dir": str(out_dir), "cache_dir": str(cache_dir), "epochs": 3, "batch_size": 16,
+                  "lr": 0.01, "warmup_steps": 1, "patience": 0, "device": "cpu", **train},
+    }
+    return Config.from_dict(values)

@@ -1,0 +1,52 @@
+import pytest
+
+from captioner.config import Config, ConfigError, load_config
+
+REPO_CONFIG = "configs/flickr8k.yaml"
+
+
+def test_shipped_config_loads_and_overrides_apply():
+    config = load_config(REPO_CONFIG, ["decoder.cell=gru", "train.epochs=2", "train.lr=1e-3"])
+    assert config.decoder.cell == "gru"
+    assert config.train.epochs == 2 and config.train.lr == pytest.approx(1e-3)
+    assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_every_cell_is_accepted(cell):
+    assert load_config(None, [f"decoder.cell={cell}"]).decoder.cell == cell
+
+
+def test_unknown_key_names_the_key_and_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("decoder:\n  hiden_dim: 256\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*unknown key 'decoder\.hiden_dim'"):
+        load_config(path)
+
+
+def test_wrong_type_names_the_key(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: ten\n")
+    with pytest.raises(ConfigError, match=r"'train\.epochs' must be int"):
+        load_config(path)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("decoder.cell=transformer", "decoder.cell must be lstm, gru or rnn"),
+    ("decoder.dropout=1.5", "dropout"),
+    ("decode.beam_size=0", "beam_size"),
+    ("train.epochs=true", "must be int"),
+    ("nonsense", "expected section.key=value"),
+    ("model.size=3", "unknown key 'model'"),
+])
+def test_bad_values_are_refused_with_a_reason(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_unreadable_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "broken.yaml").write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")

@@ -1,0 +1,115 @@
+"""Train -> checkpoint -> reload -> caption -> evaluate, through the CLI, on the tiny shapes dataset."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from captioner import Captioner
+from captioner.cli import main
+from conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_flickr8k, tmp_path_factory):
+    """One tiny LSTM run (6 epochs) shared by the tests below."""
+    work = tmp_path_factory.mktemp("run")
+    config = tiny_config(tiny_flickr8k, work / "run", work / "cache", epochs=6)
+    config_path = work / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    return config_path, work / "run"
+
+
+def test_training_writes_a_complete_run_folder(trained):
+    _, run = trained
+    for name in ("config.yaml", "metrics.jsonl", "curves.png", "best.pt", "last.pt"):
+        assert (run / name).is_file(), name
+    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert best["provenance"]["dev"]["dev_bleu4"] == max(h["dev_bleu4"] for h in history)
+    assert "training" not in best and "training" in torch.load(run / "last.pt", weights_only=True)
+
+
+def test_the_trained_model_captions_what_it_sees(trained, tiny_flickr8k):
+    _, run = trained
+    captioner = Captioner.from_checkpoint(run / "best.pt")
+    paths = [tiny_flickr8k / "images" / f"{c}_square_2.jpg" for c in ("red", "green", "blue", "yellow")]
+    captions = captioner.caption(paths, beam_size=3)
+    colours = sum(c in caption.text for c, caption in zip(("red", "green", "blue", "yellow"), captions))
+    assert colours >= 3, [c.text for c in captions]
+    single = captioner.caption(str(paths[0]), beam_size=1)
+    assert single.text == captioner.caption([paths[0]], beam_size=1)[0].text
+    n_best = captioner.caption([paths[0]], beam_size=3, n_best=3)[0]
+    assert len(n_best) == 3 and n_best[0].score >= n_best[-1].score
+
+
+def test_training_refuses_to_overwrite_and_resume_continues(trained, capsys):
+    config_path, run = trained
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert main(["train", "--config", str(config_path), "--resume", "--set", "train.epochs=7", "--no-progress"]) == 0
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == list(range(1, 8))
+    assert "resuming" in capsys.readouterr().err
+
+
+def test_evaluate_prints_bleu_and_writes_captions(trained, tmp_path, capsys):
+    _, run = trained
+    out = tmp_path / "test_captions.jsonl"
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--split", "test", "--beam-size", "3",
+                 "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "BLEU-4" in printed
+    result = json.loads(printed.strip().splitlines()[-1])
+    assert result["images"] == 4 and result["beam_size"] == 3 and 0 < result["bleu1"] <= 1
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 4 and all(len(r["references"]) == 5 and r["caption"] for r in rows)
+
+
+def test_caption_command_on_a_folder_with_a_bad_file(trained, tiny_flickr8k, tmp_path, capsys):
+    _, run = trained
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for name in ("red_circle_2.jpg", "blue_square_2.jpg"):
+        (folder / "nested" / name).write_bytes((tiny_flickr8k / "images" / name).read_bytes())
+    (folder / "broken.jpg").write_text("not an image")
+    out = tmp_path / "captions.jsonl"
+    status = main(["caption", str(folder), "--checkpoint", str(run / "best.pt"), "--out", str(out),
+                   "--beam-size", "2", "--no-progress"])
+    assert status == 3  # some images failed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["path"].rsplit("/", 1)[-1] for r in rows] == ["broken.jpg", "blue_square_2.jpg", "red_circle_2.jpg"]
+    assert "not an image" in rows[0]["error"] and "caption" not in rows[0]
+    assert all(r["caption"] and isinstance(r["score"], float) for r in rows[1:])
+    assert "captioned 2, failed 1" in capsys.readouterr().err
+
+    assert main(["caption", str(folder / "nested"), "--checkpoint", str(run / "best.pt"), "--no-progress"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and all("\t" in line for line in lines)
+
+
+def test_caption_command_errors_are_one_clear_line(trained, tmp_path, capsys):
+    _, run = trained
+    (tmp_path / "empty").mkdir()
+    assert main(["caption", str(tmp_path / "empty"), "--checkpoint", str(run / "best.pt")]) == 1
+    assert "no images found" in capsys.readouterr().err
+    (tmp_path / "junk.pt").write_bytes(b"junk")
+    assert main(["caption", str(tmp_path), "--checkpoint", str(tmp_path / "junk.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "junk.pt" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("cell", ["gru", "rnn"])
+def test_every_cell_trains_from_the_same_config(trained, tmp_path, cell):
+    config_path, _ = trained
+    assert main(["train", "--config", str(config_path), "--set", f"decoder.cell={cell}", "--set", "train.epochs=1",
+                 "--set", f"train.out_dir={tmp_path / cell}", "--no-progress"]) == 0
+    captioner = Captioner.from_checkpoint(tmp_path / cell / "best.pt")
+    assert captioner.config.decoder.cell == cell
+    assert captioner.decoder.rnn.__class__.__name__ == cell.upper()

@@ -1,0 +1,39 @@
+import pytest
+
+from captioner.metrics import bleu_scores
+from captioner.text import SPECIALS, Vocabulary, tokenize
+
+
+def test_tokenize_lowercases_and_drops_punctuation():
+    assert tokenize("A dog's ball , on the Grass .") == ["a", "dog", "'s", "ball", "on", "the", "grass"]
+
+
+def test_vocabulary_from_training_captions_with_min_count():
+    vocab = Vocabulary.build([["a", "dog"], ["a", "cat"], ["a", "dog", "runs"]], min_count=2)
+    assert vocab.words[:4] == list(SPECIALS)
+    assert vocab.words[4:] == ["a", "dog"]
+    assert vocab.encode(["a", "cat"]) == [4, vocab.unk]
+    assert vocab.decode([4, 5, vocab.unk, vocab.eos, 4]) == ["a", "dog"]
+
+
+def test_vocabulary_rejects_a_list_without_specials():
+    with pytest.raises(ValueError):
+        Vocabulary(["a", "b"])
+
+
+def test_bleu_perfect_and_hand_computed():
+    refs = [[["a", "dog", "runs", "on", "grass"]]]
+    assert bleu_scores(refs, [["a", "dog", "runs", "on", "grass"]])["bleu4"] == pytest.approx(1.0)
+    # hypothesis "a dog runs fast": unigram precision 3/4, bigram 2/3; BP = exp(1 - 5/4)
+    scores = bleu_scores(refs, [["a", "dog", "runs", "fast"]])
+    bp = pytest.approx
+    import math
+    assert scores["bleu1"] == bp(math.exp(1 - 5 / 4) * 3 / 4)
+    assert scores["bleu2"] == bp(math.exp(1 - 5 / 4) * math.sqrt(3 / 4 * 2 / 3))
+
+
+def test_bleu_uses_all_references_and_checks_lengths():
+    refs = [[["a", "cat"], ["a", "small", "dog"]]]
+    assert bleu_scores(refs, [["a", "small", "dog"]])["bleu3"] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        bleu_scores(refs, [])
