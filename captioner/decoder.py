@@ -35,7 +35,7 @@ class CaptionDecoder(nn.Module):
         x = self.feature_dropout(self.feature_norm(features.float()))
 
         def layers(linear: nn.Linear) -> torch.Tensor:
-            return torch.tanh(linear(x)).view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).contiguous()
+            return linear(x).view(-1, self.num_layers, self.hidden_dim).transpose(0, 1).contiguous()
 
         h = layers(self.init_h)
         return (h, layers(self.init_c)) if self.init_c is not None else h

@@ -219,7 +219,7 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
 
         provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
                       "train_images": len(train_records), "epoch": epoch, "dev": record,
-                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": torch.__version__}
+                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": str(torch.__version__)}
         training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "rng": torch.get_rng_state(), "history": history, "best_bleu4": best_bleu4, "bad_epochs": bad_epochs}
         if improved:

@@ -14,9 +14,9 @@ from conftest import tiny_config
 
 @pytest.fixture(scope="module")
 def trained(tiny_flickr8k, tmp_path_factory):
-    """One tiny LSTM run (6 epochs) shared by the tests below."""
+    """One tiny LSTM run (15 epochs of 10 steps) shared by the tests below."""
     work = tmp_path_factory.mktemp("run")
-    config = tiny_config(tiny_flickr8k, work / "run", work / "cache", epochs=6)
+    config = tiny_config(tiny_flickr8k, work / "run", work / "cache", epochs=15, batch_size=8)
     config_path = work / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config.to_dict()))
     assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
@@ -28,7 +28,7 @@ def test_training_writes_a_complete_run_folder(trained):
     for name in ("config.yaml", "metrics.jsonl", "curves.png", "best.pt", "last.pt"):
         assert (run / name).is_file(), name
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [h["epoch"] for h in history] == list(range(1, 7))
+    assert [h["epoch"] for h in history] == list(range(1, 16))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
     best = torch.load(run / "best.pt", weights_only=True)
@@ -53,9 +53,9 @@ def test_training_refuses_to_overwrite_and_resume_continues(trained, capsys):
     config_path, run = trained
     assert main(["train", "--config", str(config_path), "--no-progress"]) == 1
     assert "already holds a run" in capsys.readouterr().err
-    assert main(["train", "--config", str(config_path), "--resume", "--set", "train.epochs=7", "--no-progress"]) == 0
+    assert main(["train", "--config", str(config_path), "--resume", "--set", "train.epochs=16", "--no-progress"]) == 0
     epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 8))
+    assert epochs == list(range(1, 17))
     assert "resuming" in capsys.readouterr().err
 
 
