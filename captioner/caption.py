@@ -1,11 +1,14 @@
 """Caption image files and folders: one row per image, written as soon as it is produced.
 
-Rows are {"path", "caption", "score"} or {"path", "error"}; printed as lines, or written to
-JSONL or CSV by the output file's extension.
+Rows are {"path", "caption", "score"} or {"path", "error"}; printed as tab-separated lines, or
+written to JSONL or CSV by the output file's extension. Rerunning with the same output file
+keeps the rows already captioned and does the rest (errors are retried), so an interrupted run
+loses nothing and no image gets two rows.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import sys
@@ -15,17 +18,41 @@ from tqdm import tqdm
 
 from .inference import Captioner
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXIT_SOME_FAILED = 3
+FIELDS = ["path", "caption", "score", "error"]
 
 
-def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Image paths in a deterministic order (folders recursively, sorted) and (path, problem) pairs."""
-    paths, problems = [], []
+def looks_like_image(path: Path) -> bool:
+    """Sniff the first bytes: JPEG, PNG, GIF, BMP, TIFF or WebP, whatever the file is called."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError:
+        return False
+    return (head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+
+
+def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]], int]:
+    """(image paths in a fixed order, [(path, problem)], number of non-image files skipped).
+
+    In folders (searched recursively, sorted), a file is taken when its content is an image or
+    its name says it is one (so a broken .jpg is reported, not silently skipped). Files named
+    on the command line are always taken.
+    """
+    paths, problems, skipped = [], [], 0
     for given in inputs:
         path = Path(given)
         if path.is_dir():
-            found = sorted(str(p) for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
+            found = []
+            for child in sorted(path.rglob("*"), key=lambda p: str(p)):
+                if child.is_dir():
+                    continue
+                if child.suffix.lower() in IMAGE_SUFFIXES or looks_like_image(child):
+                    found.append(str(child))
+                else:
+                    skipped += 1
             if not found:
                 problems.append((given, f"{given}: no images found in this folder"))
             paths += found
@@ -33,26 +60,48 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]]]
             paths.append(str(path))
         else:
             problems.append((given, f"{given}: no such file or folder"))
-    return list(dict.fromkeys(paths)), problems
+    return list(dict.fromkeys(paths)), problems, skipped
+
+
+def read_rows(path: Path) -> list[dict]:
+    """Rows of an earlier output file; a last line cut off by an interruption is dropped."""
+    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    if path.suffix.lower() == ".csv":
+        complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
+        return list(csv.DictReader(io.StringIO(complete, newline="")))
+    rows = []
+    for line in text.splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 class RowWriter:
-    """Writes each row at once and flushes, so an interrupted run keeps what it did."""
+    """Writes each row at once and flushes it, so an interrupted run keeps what it did."""
 
-    def __init__(self, out: str | None):
+    def __init__(self, out: str | None, keep: list[dict] = ()):
         self.out = out
         self.kind = "print" if not out else "csv" if out.lower().endswith(".csv") else "jsonl"
-        self.handle = open(out, "w", encoding="utf-8", newline="") if out else sys.stdout
+        if not out:
+            self.handle = sys.stdout
+            return
+        temporary = Path(out).with_name(f".{Path(out).name}.tmp")
+        self.handle = open(temporary, "w", encoding="utf-8", newline="", errors="surrogateescape")
         if self.kind == "csv":
-            self.csv = csv.DictWriter(self.handle, fieldnames=["path", "caption", "score", "error"])
+            self.csv = csv.DictWriter(self.handle, fieldnames=FIELDS)
             self.csv.writeheader()
+        for row in keep:
+            self.write(row)
+        os.replace(temporary, out)  # the kept rows are on disk before any new work starts
 
     def write(self, row: dict) -> None:
         if self.kind == "print":
-            text = row["caption"] if "caption" in row else f"ERROR {row['error']}"
+            text = row["caption"] if row.get("caption") else f"ERROR {row['error']}"
             self.handle.write(f"{row['path']}\t{text}\n")
         elif self.kind == "csv":
-            self.csv.writerow(row)
+            self.csv.writerow({k: row.get(k, "") for k in FIELDS})
         else:
             self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.handle.flush()
@@ -65,29 +114,39 @@ class RowWriter:
 
 
 def caption_paths(captioner: Captioner, inputs: list[str], out: str | None = None, batch_size: int = 16,
-                  num_workers: int = 1, progress: bool = True, **decode_options) -> int:
+                  num_workers: int = 1, overwrite: bool = False, progress: bool = True, **decode_options) -> int:
     """Caption everything under `inputs`; returns the exit status (0 all good, 3 some failed)."""
-    paths, problems = collect_images(inputs)
+    paths, problems, skipped = collect_images(inputs)
     if not paths:
         raise FileNotFoundError("; ".join(problem for _, problem in problems) or "no inputs given")
-    writer = RowWriter(out)
+    done: list[dict] = []
+    if out and Path(out).is_file() and not overwrite:
+        wanted = set(paths)
+        done = [r for r in read_rows(Path(out)) if r.get("caption") and r.get("path") in wanted]
+        done = list({r["path"]: r for r in done}.values())
+        if done:
+            print(f"{out}: {len(done)} images already captioned, skipping them (--overwrite to redo)", file=sys.stderr)
+    already = {r["path"] for r in done}
+    todo = [p for p in paths if p not in already]
+    writer = RowWriter(out, done)
     captioned, failed = 0, len(problems)
     try:
         for given, problem in problems:
             writer.write({"path": given, "error": problem})
             print(f"error: {problem}", file=sys.stderr)
-        with tqdm(total=len(paths), desc="captioning", unit="img", disable=not progress or not out,
+        with tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not out,
                   file=sys.stderr) as bar:
-            for index, captions, error in captioner.caption_files(paths, batch_size, num_workers, **decode_options):
+            for index, captions, error in captioner.caption_files(todo, batch_size, num_workers, **decode_options):
                 if error is None:
-                    writer.write({"path": paths[index], "caption": captions[0].text, "score": round(captions[0].score, 4)})
+                    writer.write({"path": todo[index], "caption": captions[0].text, "score": round(captions[0].score, 4)})
                     captioned += 1
                 else:
-                    writer.write({"path": paths[index], "error": error})
+                    writer.write({"path": todo[index], "error": error})
                     print(f"error: {error}", file=sys.stderr)
                     failed += 1
                 bar.update(1)
     finally:
         writer.close()
-    print(f"captioned {captioned}, failed {failed}" + (f"; rows in {out}" if out else ""), file=sys.stderr)
+    print(f"captioned {captioned}, failed {failed}, skipped {skipped} non-image files"
+          + (f", {len(already)} done before" if already else "") + (f"; rows in {out}" if out else ""), file=sys.stderr)
     return 0 if failed == 0 else EXIT_SOME_FAILED

@@ -50,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--out", help="write rows to FILE.jsonl or FILE.csv (default: print)")
     caption.add_argument("--batch-size", type=int, default=16)
     caption.add_argument("--workers", type=int, default=1, help="processes decoding image files")
+    caption.add_argument("--overwrite", action="store_true", help="redo images already captioned in --out")
     caption.add_argument("--device", default="cpu")
     caption.add_argument("--no-progress", action="store_true")
     _decode_arguments(caption)
@@ -85,7 +86,7 @@ def run(args) -> int:
         if args.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
         captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device)
-        return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers,
+        return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers, args.overwrite,
                              progress=not args.no_progress, **_decode_options(args))
     if args.command == "download":
         from .download import DEFAULT_BASE_URL, download_flickr8k
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from .transform import ImageLoadError
 
     expected = (ConfigError, CheckpointError, DatasetError, DownloadError, EncoderError, TrainingError,
-                ImageLoadError, FileNotFoundError, PermissionError, IsADirectoryError)
+                ImageLoadError, OSError)
     try:
         return run(args)
     except expected as error:

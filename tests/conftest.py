@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image, ImageDraw
 
+from captioner.cli import main
 from captioner.config import Config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,3 +68,14 @@ def tiny_config(data_root: Path, out_dir: Path, cache_dir: Path, **train) -> Con
                   "lr": 0.01, "warmup_steps": 1, "patience": 0, "device": "cpu", **train},
     }
     return Config.from_dict(values)
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_flickr8k, tmp_path_factory):
+    """One tiny LSTM run (15 epochs of 10 steps) shared by the tests below."""
+    work = tmp_path_factory.mktemp("run")
+    config = tiny_config(tiny_flickr8k, work / "run", work / "cache", epochs=15, batch_size=8)
+    config_path = work / "tiny.yaml"
+    config_path.write_text(yaml.safe_dump(config.to_dict()))
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    return config_path, work / "run"

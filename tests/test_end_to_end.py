@@ -5,22 +5,8 @@ import json
 
 import pytest
 import torch
-import yaml
-
 from captioner import Captioner
 from captioner.cli import main
-from conftest import tiny_config
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_flickr8k, tmp_path_factory):
-    """One tiny LSTM run (15 epochs of 10 steps) shared by the tests below."""
-    work = tmp_path_factory.mktemp("run")
-    config = tiny_config(tiny_flickr8k, work / "run", work / "cache", epochs=15, batch_size=8)
-    config_path = work / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
-    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
-    return config_path, work / "run"
 
 
 def test_training_writes_a_complete_run_folder(trained):

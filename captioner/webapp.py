@@ -1,0 +1,74 @@
+"""The Gradio app: upload one or more pictures, get captions (and the n best with scores).
+
+`caption_uploads` is the whole behaviour and is what the named API endpoint `/caption` runs;
+`build_app` only lays out the page around it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from .inference import Captioner
+from .transform import ImageLoadError
+
+EXAMPLES_DIR = Path(__file__).parent / "examples"
+MAX_FILE_SIZE = "20mb"
+TABLE_HEADERS = ["file", "rank", "caption", "score", "error"]
+
+
+def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_size: int = 3, max_length: int = 20,
+                    length_penalty: float = 0.0, no_repeat_ngram_size: int = 3, n_best: int = 1):
+    """Caption each uploaded file: (gallery of (image, caption), table rows with the n best or the error)."""
+    if not files:
+        raise gr.Error("Upload at least one image.")
+    if isinstance(files, (str, Path)):
+        files = [files]
+    beam = 1 if decoding == "greedy" else int(beam_size)
+    n_best = max(1, min(int(n_best), beam))
+    gallery, table = [], []
+    for file in files:
+        path = str(getattr(file, "name", file))
+        name = Path(path).name
+        try:
+            captions = captioner.caption([path], beam_size=beam, max_length=int(max_length),
+                                         length_penalty=float(length_penalty),
+                                         no_repeat_ngram_size=int(no_repeat_ngram_size), n_best=n_best)[0]
+        except ImageLoadError as error:
+            table.append([name, None, "", None, str(error).replace(path, name)])
+            continue
+        captions = captions if isinstance(captions, list) else [captions]
+        gallery.append((path, captions[0].text))
+        table += [[name, rank, c.text, round(c.score, 3), ""] for rank, c in enumerate(captions, start=1)]
+    if not gallery:
+        gr.Warning("None of the uploaded files could be read as an image; see the table.")
+    return gallery, table
+
+
+def build_app(captioner: Captioner) -> gr.Blocks:
+    defaults = captioner.config.decode
+    with gr.Blocks(title="captioner") as app:
+        gr.Markdown("# captioner\nUpload photos; a CNN encoder and a recurrent decoder describe them.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Images", file_count="multiple", type="filepath")
+                decoding = gr.Radio(["beam", "greedy"], value="beam", label="Decoding")
+                beam_size = gr.Slider(1, 10, value=max(defaults.beam_size, 1), step=1, label="Beam size")
+                max_length = gr.Slider(5, 40, value=defaults.max_length, step=1, label="Maximum length (words)")
+                length_penalty = gr.Slider(0.0, 2.0, value=defaults.length_penalty, step=0.1,
+                                           label="Length penalty (score / length^p)")
+                no_repeat = gr.Slider(0, 4, value=defaults.no_repeat_ngram_size, step=1,
+                                      label="Block repeated n-grams of size (0: off)")
+                n_best = gr.Slider(1, 5, value=1, step=1, label="Captions per image (n best)")
+                button = gr.Button("Caption", variant="primary")
+            with gr.Column(scale=2):
+                gallery = gr.Gallery(label="Captions", columns=3, height="auto")
+                table = gr.Dataframe(headers=TABLE_HEADERS, label="All captions with scores", wrap=True)
+        examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+        if examples:
+            gr.Examples([[[p]] for p in examples], inputs=[files], label="Example photos")
+        button.click(lambda *args: caption_uploads(captioner, *args),
+                     [files, decoding, beam_size, max_length, length_penalty, no_repeat, n_best],
+                     [gallery, table], api_name="caption")
+    app.queue(default_concurrency_limit=2, max_size=64)
+    return app

@@ -1,0 +1,80 @@
+"""The Gradio app: the captioning function, the launched app through gradio_client, the page in a browser."""
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from captioner import Captioner
+from captioner.webapp import EXAMPLES_DIR, build_app, caption_uploads
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.fixture(scope="module")
+def captioner(trained):
+    return Captioner.from_checkpoint(trained[1] / "best.pt")
+
+
+@pytest.fixture(scope="module")
+def server(captioner):
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app = build_app(captioner)
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="1mb")
+    yield f"http://127.0.0.1:{port}/"
+    app.close()
+
+
+def test_caption_function_reports_bad_files_and_n_best(captioner, tiny_flickr8k, tmp_path):
+    good = str(tiny_flickr8k / "images" / "red_circle_2.jpg")
+    bad = tmp_path / "letter.jpg"
+    bad.write_text("Dear user, this is not a photo.")
+    gallery, table = caption_uploads(captioner, [good, str(bad)], "beam", 3, 12, 0.0, 2, 3)
+    assert len(gallery) == 1 and gallery[0][0] == good and gallery[0][1]
+    ranks = [row for row in table if row[0] == "red_circle_2.jpg"]
+    assert [row[1] for row in ranks] == [1, 2, 3] and ranks[0][3] >= ranks[2][3]
+    error = [row for row in table if row[0] == "letter.jpg"][0]
+    assert "not an image" in error[4] and str(tmp_path) not in error[4]
+    gallery, table = caption_uploads(captioner, [good], "greedy", 5, 12, 0.0, 2, 3)
+    assert len(table) == 1  # greedy gives one caption
+
+
+def test_examples_ship_with_their_licences():
+    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    assert len(examples) >= 3
+    licences = (EXAMPLES_DIR / "LICENSES.md").read_text()
+    assert all(p.name in licences for p in examples)
+
+
+def test_launched_app_answers_through_gradio_client(server, tiny_flickr8k):
+    from gradio_client import Client, handle_file
+
+    client = Client(server, verbose=False)
+    assert "/caption" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    gallery, table = client.predict([handle_file(str(tiny_flickr8k / "images" / "blue_square_2.jpg"))],
+                                    "beam", 3, 12, 0.0, 2, 2, api_name="/caption")
+    assert len(gallery) == 1 and gallery[0]["caption"]
+    assert [row[1] for row in table["data"]] == [1, 2]
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium); .ci/run installs it")
+def test_page_in_a_real_browser_uploads_and_shows_a_caption(server, tiny_flickr8k, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright (pip install playwright)")
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        try:
+            page = browser.new_page()
+            page.goto(server)
+            page.locator("input[type=file]").first.set_input_files(str(tiny_flickr8k / "images" / "red_square_2.jpg"))
+            page.get_by_role("button", name="Caption", exact=True).click()
+            page.get_by_text("square").first.wait_for(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
+            assert "square" in page.locator("body").inner_text()
+        finally:
+            browser.close()

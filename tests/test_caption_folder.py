@@ -1,0 +1,81 @@
+"""`captioner caption` on folders: content sniffing, bad files reported, resumable output, exit codes."""
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from captioner.caption import collect_images
+from captioner.cli import main
+
+
+@pytest.fixture
+def mixed_folder(tiny_flickr8k, tmp_path):
+    folder = tmp_path / "mixed"
+    (folder / "sub" / "deeper").mkdir(parents=True)
+    images = tiny_flickr8k / "images"
+    shutil.copy(images / "red_circle_2.jpg", folder / "a_red.jpg")
+    shutil.copy(images / "blue_square_2.jpg", folder / "sub" / "b_blue.jpg")
+    from PIL import Image
+    Image.open(images / "green_circle_2.jpg").save(folder / "sub" / "deeper" / "c_green.data", format="PNG")
+    (folder / "notes.txt").write_text("not an image, not named like one")
+    (folder / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    return folder
+
+
+def test_collect_images_sniffs_content_and_keeps_a_fixed_order(mixed_folder):
+    paths, problems, skipped = collect_images([str(mixed_folder)])
+    names = [p.rsplit("/", 1)[-1] for p in paths]
+    assert names == ["a_red.jpg", "b_blue.jpg", "broken.jpg", "c_green.data"]
+    assert problems == [] and skipped == 1
+    _, problems, _ = collect_images([str(mixed_folder / "absent")])
+    assert "no such file or folder" in problems[0][1]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv"])
+def test_every_good_image_gets_a_caption_and_every_bad_one_an_error(trained, mixed_folder, tmp_path, suffix, capsys):
+    _, run = trained
+    out = tmp_path / f"captions.{suffix}"
+    status = main(["caption", str(mixed_folder), "--checkpoint", str(run / "best.pt"), "--out", str(out),
+                   "--batch-size", "2", "--no-progress"])
+    assert status == 3
+    rows = read(out)
+    assert len(rows) == 4
+    by_name = {r["path"].rsplit("/", 1)[-1]: r for r in rows}
+    assert "corrupt or truncated" in by_name["broken.jpg"]["error"] or "not an image" in by_name["broken.jpg"]["error"]
+    for name in ("a_red.jpg", "b_blue.jpg", "c_green.data"):
+        assert by_name[name]["caption"] and float(by_name[name]["score"]) < 0
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "captioned 3, failed 1, skipped 1" in err
+
+
+def read(path):
+    if path.suffix == ".csv":
+        with open(path, newline="") as handle:
+            return list(csv.DictReader(handle))
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_rerun_after_an_interruption_gives_exactly_one_row_per_image(trained, mixed_folder, tmp_path, capsys):
+    _, run = trained
+    out = tmp_path / "captions.jsonl"
+    checkpoint = str(run / "best.pt")
+    main(["caption", str(mixed_folder), "--checkpoint", checkpoint, "--out", str(out), "--no-progress"])
+    first = read(out)
+    good = [r for r in first if "caption" in r]
+    out.write_text(json.dumps(good[0]) + "\n" + json.dumps(first[-1])[:25])  # as if killed mid-write
+    assert main(["caption", str(mixed_folder), "--checkpoint", checkpoint, "--out", str(out), "--no-progress"]) == 3
+    assert "1 images already captioned" in capsys.readouterr().err
+    rows = read(out)
+    assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in first)
+    assert rows[0] == good[0]
+    (mixed_folder / "sub" / "broken.jpg").unlink()
+    assert main(["caption", str(mixed_folder), "--checkpoint", checkpoint, "--out", str(out), "--no-progress"]) == 0
+    rows = read(out)
+    assert len(rows) == 3 and all("caption" in r for r in rows)
+    assert "3 done before" in capsys.readouterr().err
+    assert main(["caption", str(mixed_folder), "--checkpoint", checkpoint, "--out", str(out), "--overwrite",
+                 "--no-progress"]) == 0
+    assert "done before" not in capsys.readouterr().err and len(read(out)) == 3
