@@ -63,9 +63,14 @@ def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]],
     return list(dict.fromkeys(paths)), problems, skipped
 
 
+def printable(path: str) -> str:
+    """A file name as text for the output: undecodable bytes become backslash escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def read_rows(path: Path) -> list[dict]:
     """Rows of an earlier output file; a last line cut off by an interruption is dropped."""
-    text = path.read_text(encoding="utf-8", errors="surrogateescape")
+    text = path.read_text(encoding="utf-8", errors="replace")
     if path.suffix.lower() == ".csv":
         complete = text if text.endswith("\n") else text[: text.rfind("\n") + 1]
         return list(csv.DictReader(io.StringIO(complete, newline="")))
@@ -88,7 +93,7 @@ class RowWriter:
             self.handle = sys.stdout
             return
         temporary = Path(out).with_name(f".{Path(out).name}.tmp")
-        self.handle = open(temporary, "w", encoding="utf-8", newline="", errors="surrogateescape")
+        self.handle = open(temporary, "w", encoding="utf-8", newline="")
         if self.kind == "csv":
             self.csv = csv.DictWriter(self.handle, fieldnames=FIELDS)
             self.csv.writeheader()
@@ -121,28 +126,29 @@ def caption_paths(captioner: Captioner, inputs: list[str], out: str | None = Non
         raise FileNotFoundError("; ".join(problem for _, problem in problems) or "no inputs given")
     done: list[dict] = []
     if out and Path(out).is_file() and not overwrite:
-        wanted = set(paths)
+        wanted = {printable(p) for p in paths}
         done = [r for r in read_rows(Path(out)) if r.get("caption") and r.get("path") in wanted]
         done = list({r["path"]: r for r in done}.values())
         if done:
             print(f"{out}: {len(done)} images already captioned, skipping them (--overwrite to redo)", file=sys.stderr)
     already = {r["path"] for r in done}
-    todo = [p for p in paths if p not in already]
+    todo = [p for p in paths if printable(p) not in already]
     writer = RowWriter(out, done)
     captioned, failed = 0, len(problems)
     try:
         for given, problem in problems:
-            writer.write({"path": given, "error": problem})
-            print(f"error: {problem}", file=sys.stderr)
+            writer.write({"path": printable(given), "error": printable(problem)})
+            print(f"error: {printable(problem)}", file=sys.stderr)
         with tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not out,
                   file=sys.stderr) as bar:
             for index, captions, error in captioner.caption_files(todo, batch_size, num_workers, **decode_options):
                 if error is None:
-                    writer.write({"path": todo[index], "caption": captions[0].text, "score": round(captions[0].score, 4)})
+                    writer.write({"path": printable(todo[index]), "caption": captions[0].text,
+                                  "score": round(captions[0].score, 4)})
                     captioned += 1
                 else:
-                    writer.write({"path": todo[index], "error": error})
-                    print(f"error: {error}", file=sys.stderr)
+                    writer.write({"path": printable(todo[index]), "error": printable(error)})
+                    print(f"error: {printable(error)}", file=sys.stderr)
                     failed += 1
                 bar.update(1)
     finally:

@@ -81,3 +81,11 @@ def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, CaptionDecode
         raise CheckpointError(f"{path}: weights do not fit the model its config describes "
                               f"(vocabulary {len(vocab)} words, cell {config.decoder.cell}): {str(error)[:400]}") from None
     return config, vocab, decoder.eval(), payload
+
+
+def export_checkpoint(source: str | Path, target: str | Path, half: bool = True) -> dict:
+    """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance."""
+    config, vocab, decoder, payload = load_checkpoint(source)
+    provenance = dict(payload.get("provenance", {}), exported_from=Path(source).name, fp16=half)
+    save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half)
+    return provenance

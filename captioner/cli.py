@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .config import ConfigError
 
@@ -55,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--no-progress", action="store_true")
     _decode_arguments(caption)
 
+    export = commands.add_parser("export", help="copy a checkpoint for shipping (fp16, no optimizer state)")
+    export.add_argument("checkpoint")
+    export.add_argument("out")
+    export.add_argument("--fp32", action="store_true", help="keep float32 weights")
+
     download = commands.add_parser("download", help="fetch a dataset (needs internet)")
     download.add_argument("dataset", choices=["flickr8k"])
     download.add_argument("--root", required=True, help="folder to unpack into")
@@ -88,6 +94,13 @@ def run(args) -> int:
         captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device)
         return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers, args.overwrite,
                              progress=not args.no_progress, **_decode_options(args))
+    if args.command == "export":
+        from .checkpoint import export_checkpoint
+
+        export_checkpoint(args.checkpoint, args.out, half=not args.fp32)
+        size = Path(args.out).stat().st_size / 1e6
+        print(f"wrote {args.out} ({size:.1f} MB)")
+        return 0
     if args.command == "download":
         from .download import DEFAULT_BASE_URL, download_flickr8k
 

@@ -71,9 +71,12 @@ def test_page_in_a_real_browser_uploads_and_shows_a_caption(server, tiny_flickr8
         try:
             page = browser.new_page()
             page.goto(server)
-            page.locator("input[type=file]").first.set_input_files(str(tiny_flickr8k / "images" / "red_square_2.jpg"))
+            photo = tmp_path / "photo.jpg"  # a name without the words the caption should contain
+            shutil.copy(tiny_flickr8k / "images" / "red_square_2.jpg", photo)
+            page.locator("input[type=file]").first.set_input_files(str(photo))
+            assert "square" not in page.locator("body").inner_text()
             page.get_by_role("button", name="Caption", exact=True).click()
-            page.get_by_text("square").first.wait_for(timeout=30_000)
+            page.get_by_text("square").first.wait_for(timeout=60_000)
             page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
             assert "square" in page.locator("body").inner_text()
         finally:

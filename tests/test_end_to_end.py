@@ -99,3 +99,15 @@ def test_every_cell_trains_from_the_same_config(trained, tmp_path, cell):
     captioner = Captioner.from_checkpoint(tmp_path / cell / "best.pt")
     assert captioner.config.decoder.cell == cell
     assert captioner.decoder.rnn.__class__.__name__ == cell.upper()
+
+
+def test_exported_fp16_checkpoint_is_smaller_and_captions_alike(trained, tiny_flickr8k, tmp_path, capsys):
+    _, run = trained
+    shipped = tmp_path / "shipped.pt"
+    assert main(["export", str(run / "best.pt"), str(shipped)]) == 0
+    assert shipped.stat().st_size < (run / "best.pt").stat().st_size
+    assert "training" not in torch.load(shipped, weights_only=True)
+    paths = sorted((tiny_flickr8k / "images").glob("*_2.jpg"))
+    full = [c.text for c in Captioner.from_checkpoint(run / "best.pt").caption(paths, beam_size=3)]
+    half = [c.text for c in Captioner.from_checkpoint(shipped).caption(paths, beam_size=3)]
+    assert sum(a == b for a, b in zip(full, half)) >= len(paths) - 1

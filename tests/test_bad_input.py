@@ -1,0 +1,152 @@
+"""Whatever is on a user's disk: each file is captioned correctly or reported with a reason, and the rest go on."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.transform import ImageLoadError, load_image
+from captioner.webapp import caption_uploads
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb for Pillow."""
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4: ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17: ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr: ihdr + 17])))
+    return bytes(data)
+
+
+def make_zoo(folder: Path, good_photo: Path) -> dict[str, str | None]:
+    """Files of every awkward kind -> expected error fragment (None: must be captioned)."""
+    folder.mkdir()
+    photo = Image.open(good_photo)
+    expected: dict[str, str | None] = {}
+
+    def add(name: str, data: bytes | None = None, image: Image.Image | None = None, error: str | None = None, **save):
+        path = folder / name
+        if image is not None:
+            image.save(path, **save)
+        elif data is not None:
+            path.write_bytes(data)
+        expected[name] = error
+
+    add("zero_bytes.jpg", b"", error="not an image")
+    whole = io.BytesIO()
+    photo.save(whole, format="JPEG", quality=95)
+    add("truncated.jpg", whole.getvalue()[: len(whole.getvalue()) // 3], error="corrupt or truncated")
+    add("text.jpg", b"just some words\n", error="not an image")
+    add("png_named.jpg", image=photo, format="PNG")
+    add("sixteen_bit.png", image=Image.fromarray((np.asarray(photo.convert("L"), dtype=np.uint16) * 257)))
+    add("cmyk.jpg", image=photo.convert("CMYK"), format="JPEG")
+    palette = photo.convert("P")
+    add("palette_transparent.png", image=palette, transparency=0)
+    frames = [photo, photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    expected["animated.gif"] = None
+    add("one_pixel.png", image=Image.new("RGB", (1, 1), (200, 10, 10)))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    add("exif_rotated.jpg", image=photo.transpose(Image.Transpose.ROTATE_90), exif=exif)
+    add("bomb.png", png_claiming_size(40000, 40000), error="too many pixels")
+    os.symlink(folder / "nowhere.jpg", folder / "broken_link.jpg")
+    expected["broken_link.jpg"] = "file not found"
+    odd = os.fsencode(str(folder)) + b"/caf\xe9_latin1.jpg"  # not valid UTF-8
+    with open(odd, "wb") as handle:
+        handle.write(whole.getvalue())
+    expected["caf\\xe9_latin1.jpg"] = None
+    return expected
+
+
+@pytest.fixture
+def zoo(tiny_flickr8k, tmp_path):
+    folder = tmp_path / "zoo"
+    return folder, make_zoo(folder, tiny_flickr8k / "images" / "red_circle_2.jpg")
+
+
+def test_caption_command_handles_every_awkward_file(trained, zoo, tmp_path, capsys):
+    folder, expected = zoo
+    out = tmp_path / "zoo.jsonl"
+    status = main(["caption", str(folder), "--checkpoint", str(trained[1] / "best.pt"), "--out", str(out),
+                   "--batch-size", "4", "--no-progress"])
+    assert status == 3
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == set(expected)
+    for name, error in expected.items():
+        if error is None:
+            assert rows[name].get("caption"), (name, rows[name])
+        else:
+            assert error in rows[name]["error"] and name.split(".")[0] in rows[name]["error"], (name, rows[name])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"failed {sum(e is not None for e in expected.values())}" in err
+
+
+def test_exif_rotation_gives_the_caption_of_the_upright_photo(trained, tiny_flickr8k, tmp_path):
+    captioner = Captioner.from_checkpoint(trained[1] / "best.pt")
+    upright = tiny_flickr8k / "images" / "blue_square_2.jpg"
+    photo = Image.open(upright)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored rotated; the viewer turns it 90 degrees clockwise
+    stored = tmp_path / "stored_rotated.jpg"
+    photo.transpose(Image.Transpose.ROTATE_90).save(stored, exif=exif, quality=95)
+    assert np.abs(np.asarray(load_image(stored), dtype=int) - np.asarray(photo, dtype=int)).mean() < 8
+    assert captioner.caption(stored).text == captioner.caption(upright).text
+
+
+def test_unreadable_file_is_reported(trained, tiny_flickr8k, tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    for name in ("a.jpg", "secret.jpg"):
+        (folder / name).write_bytes((tiny_flickr8k / "images" / "red_circle_2.jpg").read_bytes())
+    real_open = Image.open
+
+    def open_denied(fp, *args, **kwargs):  # root ignores chmod, so deny the way the OS would
+        if str(fp).endswith("secret.jpg"):
+            raise PermissionError(13, "Permission denied", str(fp))
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", open_denied)
+    assert main(["caption", str(folder), "--checkpoint", str(trained[1] / "best.pt"), "--workers", "0",
+                 "--no-progress"]) == 3
+    captured = capsys.readouterr()
+    assert "secret.jpg: permission denied" in captured.err
+    assert captured.out.count("\t") == 2
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda tmp: tmp / "absent", "no such file or folder"),
+    (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no images found"),
+])
+def test_nothing_to_caption_is_one_clear_error(trained, tmp_path, capsys, make, message):
+    assert main(["caption", str(make(tmp_path)), "--checkpoint", str(trained[1] / "best.pt")]) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_app_function_survives_every_awkward_file(trained, zoo):
+    folder, expected = zoo
+    captioner = Captioner.from_checkpoint(trained[1] / "best.pt")
+    files = sorted(str(p) for p in folder.iterdir() if "latin1" not in p.name)
+    gallery, table = caption_uploads(captioner, files, "beam", 2, 10, 0.0, 2, 1)
+    errors = {row[0] for row in table if row[4]}
+    assert errors == {n for n, e in expected.items() if e is not None}
+    assert len(gallery) == len(files) - len(errors)
+
+
+def test_decompression_bomb_is_refused_before_decoding(tmp_path):
+    path = tmp_path / "bomb.png"
+    path.write_bytes(png_claiming_size(100_000, 100_000))
+    with pytest.raises(ImageLoadError, match="too many pixels"):
+        load_image(path)

@@ -1,0 +1,53 @@
+"""The model that ships in the repo: loads with no arguments, captions photos it has never seen."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.inference import DEFAULT_CHECKPOINT
+from captioner.webapp import EXAMPLES_DIR
+from conftest import SHARED_FLICKR8K
+
+pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped model yet")
+
+
+def test_shipped_model_is_small_and_self_describing():
+    assert DEFAULT_CHECKPOINT.stat().st_size < 25e6
+    payload = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
+    assert payload["config"]["encoder"]["name"] == "efficientnet_lite0"
+    assert payload["provenance"]["dataset"] == "flickr8k" and "training" not in payload
+
+
+def test_default_captioner_describes_example_photos_differently():
+    captioner = Captioner.from_checkpoint()
+    photos = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    captions = [c.text for c in captioner.caption(photos, beam_size=3)]
+    assert all(len(c.split()) >= 3 for c in captions)
+    assert len(set(captions)) == len(captions), captions  # not the same caption for every image
+    cat = captions[[p.name for p in photos].index("cat.jpg")]
+    assert any(word in cat for word in ("cat", "dog", "animal")), cat
+
+
+def test_caption_command_without_checkpoint_uses_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "examples.jsonl"
+    assert main(["caption", str(EXAMPLES_DIR), "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == len(list(EXAMPLES_DIR.glob("*.jpg"))) and all(r["caption"] for r in rows)
+
+
+@pytest.mark.skipif(not SHARED_FLICKR8K.is_dir(), reason="needs the real Flickr8k in ../shared/data/flickr8k")
+def test_shipped_model_scores_on_real_flickr8k_test_photos():
+    from captioner.data import load_flickr8k
+    from captioner.metrics import bleu_scores
+    from captioner.text import tokenize
+
+    records = load_flickr8k(SHARED_FLICKR8K).split("test")[:150]
+    captioner = Captioner.from_checkpoint()
+    captions = captioner.caption([r.path for r in records], beam_size=3)
+    scores = bleu_scores([[tokenize(c) for c in r.captions] for r in records], [c.text.split() for c in captions])
+    assert scores["bleu1"] > 0.5 and scores["bleu4"] > 0.12, scores
+    assert len({c.text for c in captions}) > 50  # varied captions, not one sentence for all
