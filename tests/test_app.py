@@ -1,6 +1,7 @@
 """The Gradio app: the captioning function, the launched app through gradio_client, the page in a browser."""
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 from pathlib import Path
@@ -81,3 +82,41 @@ def test_page_in_a_real_browser_uploads_and_shows_a_caption(server, tiny_flickr8
             assert "square" in page.locator("body").inner_text()
         finally:
             browser.close()
+
+
+def test_many_users_at_once_all_get_their_answer(server, tiny_flickr8k):
+    import statistics
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    images = sorted((tiny_flickr8k / "images").glob("*.jpg"))
+    clients = [Client(server, verbose=False) for _ in range(8)]
+    expected = {}
+    for image in images:
+        gallery, _ = clients[0].predict([handle_file(str(image))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
+        expected[image.name] = gallery[0]["caption"]
+
+    def request(i: int):
+        image = images[i % len(images)]
+        started = time.perf_counter()
+        gallery, _ = clients[i % 8].predict([handle_file(str(image))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
+        return image.name, gallery[0]["caption"], time.perf_counter() - started
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(request, range(50)))
+    assert len(results) == 50
+    assert all(caption == expected[name] for name, caption, _ in results)
+    latencies = sorted(r[2] for r in results)
+    print(f"\n50 requests from 8 threads: median {statistics.median(latencies):.3f}s, "
+          f"p95 {latencies[int(0.95 * len(latencies)) - 1]:.3f}s")
+
+
+def test_oversize_upload_gets_a_clear_error(server, tmp_path):
+    from gradio_client import Client, handle_file
+
+    big = tmp_path / "huge.png"
+    big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2_000_000))
+    with pytest.raises(Exception, match="(?i)file size|too large|exceeds"):
+        Client(server, verbose=False).predict([handle_file(str(big))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
