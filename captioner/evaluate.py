@@ -7,9 +7,10 @@ from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, apply_override
+from .data import load_dataset
+from .encoder import encoder_from_config
 from .inference import resolve_device
 from .train import evaluate_features, prepare_features, readable, write_text_atomic
-from .data import load_dataset
 
 
 def evaluate(checkpoint: str | Path, split: str = "test", overrides: list[str] | None = None,
@@ -24,12 +25,13 @@ def evaluate(checkpoint: str | Path, split: str = "test", overrides: list[str] |
             values["decode"][key] = value
     config = Config.from_dict(values, source=f"{checkpoint} with overrides")
     device = resolve_device(device)
-    dataset = load_dataset(config.data)
-    table, encoder_info = prepare_features(config, dataset, device, progress)
-    if encoder_info["fingerprint"] != payload["encoder"].get("fingerprint"):
+    encoder = encoder_from_config(config.encoder)
+    if encoder.fingerprint() != payload["encoder"].get("fingerprint"):
         raise CheckpointError(f"{checkpoint}: trained on features of {payload['encoder'].get('name')} "
                               f"(fingerprint {payload['encoder'].get('fingerprint')}), but the encoder here is "
-                              f"{encoder_info['name']} ({encoder_info['fingerprint']})")
+                              f"{encoder.name} ({encoder.fingerprint()})")
+    dataset = load_dataset(config.data)
+    table, _ = prepare_features(config, dataset, device, progress, encoder)
     records = readable(dataset.split(split), table)
     features = table.lookup([r.path for r in records])
     scores, captions = evaluate_features(decoder.to(device), vocab, features, records, config.decode, device,

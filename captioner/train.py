@@ -24,7 +24,7 @@ from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .decoder import CaptionDecoder
-from .encoder import encoder_from_config
+from .encoder import Encoder, encoder_from_config
 from .features import FeatureTable, cached_features
 from .inference import decode_features, resolve_device
 from .metrics import bleu_scores
@@ -35,9 +35,10 @@ class TrainingError(RuntimeError):
     pass
 
 
-def prepare_features(config: Config, dataset: CaptionDataset, device, progress: bool = True) -> tuple[FeatureTable, dict]:
+def prepare_features(config: Config, dataset: CaptionDataset, device, progress: bool = True,
+                     encoder: Encoder | None = None) -> tuple[FeatureTable, dict]:
     """Encode every image of every split once (or read the cache); returns the table and encoder info."""
-    encoder = encoder_from_config(config.encoder)
+    encoder = encoder or encoder_from_config(config.encoder)
     paths = [r.path for records in dataset.splits.values() for r in records]
     table = cached_features(encoder, paths, config.train.cache_dir, config.encoder.batch_size,
                             config.encoder.num_workers, device, progress)

@@ -4,18 +4,21 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+import yaml
 from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
 from captioner.transform import ImageLoadError, load_image
-from captioner.webapp import caption_uploads
+from captioner.webapp import EXAMPLES_DIR, caption_uploads
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -150,3 +153,40 @@ def test_decompression_bomb_is_refused_before_decoding(tmp_path):
     path.write_bytes(png_claiming_size(100_000, 100_000))
     with pytest.raises(ImageLoadError, match="too many pixels"):
         load_image(path)
+
+
+def test_training_and_evaluation_leave_out_unreadable_dataset_images(trained, tiny_flickr8k, tmp_path, capsys):
+    root = tmp_path / "damaged"
+    shutil.copytree(tiny_flickr8k, root)
+    (root / "images" / "red_circle_0.jpg").write_bytes(b"")  # train
+    (root / "images" / "red_square_2.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")  # test
+    status = main(["evaluate", "--checkpoint", str(trained[1] / "best.pt"), "--split", "test",
+                   "--set", f"data.root={root}", "--set", f"train.cache_dir={tmp_path / 'cache'}", "--no-progress"])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert "red_square_2.jpg" in captured.err and "left out" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["images"] == 3
+    config_path = tmp_path / "damaged.yaml"
+    config = yaml.safe_load(trained[0].read_text())
+    config["data"]["root"] = str(root)
+    config["train"].update(out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"), epochs=1)
+    config_path.write_text(yaml.safe_dump(config))
+    assert main(["train", "--config", str(config_path), "--no-progress"]) == 0
+    assert "red_circle_0.jpg" in capsys.readouterr().err
+
+
+def test_checkpoint_for_another_encoder_is_refused_with_a_reason(trained, tmp_path, capsys):
+    payload = torch.load(trained[1] / "best.pt", weights_only=True)
+    payload["config"]["encoder"].update(name="resnet18", weights="none")  # 512-d features, decoder wants 1280
+    torch.save(payload, tmp_path / "other_encoder.pt")
+    assert main(["caption", str(EXAMPLES_DIR), "--checkpoint", str(tmp_path / "other_encoder.pt")]) == 1
+    err = capsys.readouterr().err
+    assert "other_encoder.pt" in err and "1280" in err and "512" in err
+
+    payload = torch.load(trained[1] / "best.pt", weights_only=True)
+    payload["encoder"]["fingerprint"] = "0123456789abcdef"  # trained on other weights of the same network
+    torch.save(payload, tmp_path / "other_weights.pt")
+    Captioner.from_checkpoint(tmp_path / "other_weights.pt")
+    assert "captions may be poor" in capsys.readouterr().err
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "other_weights.pt"), "--no-progress"]) == 1
+    assert "fingerprint" in capsys.readouterr().err

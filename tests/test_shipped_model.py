@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -49,3 +50,36 @@ def test_shipped_model_scores_on_real_flickr8k_test_photos():
     scores = bleu_scores([[tokenize(c) for c in r.captions] for r in records], [c.text.split() for c in captions])
     assert scores["bleu1"] > 0.5 and scores["bleu4"] > 0.12, scores
     assert len({c.text for c in captions}) > 50  # varied captions, not one sentence for all
+
+
+def test_python_app_py_serves_the_shipped_model(tmp_path):
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from gradio_client import Client, handle_file
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    server = subprocess.Popen([sys.executable, str(repo / "app.py"), "--port", str(port)], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    pytest.fail(f"app.py did not start: {server.stderr.read()[-2000:]}")
+                time.sleep(0.5)
+        gallery, table = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
+            [handle_file(str(EXAMPLES_DIR / "astronaut.jpg"))], "beam", 3, 20, 0.0, 3, 2, api_name="/caption")
+        assert len(gallery) == 1 and len(gallery[0]["caption"].split()) >= 3
+        assert [row[1] for row in table["data"]] == [1, 2]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
