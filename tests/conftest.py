@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny Flickr8k-layout dataset of drawn shapes, and a tiny-model config."""
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,12 @@ COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "
 SHAPES = ("circle", "square")
 
 torch.set_num_threads(2)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def draw(color: str, shape: str, seed: int, size: int = 96) -> Image.Image:

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from captioner import Captioner
 from captioner.webapp import EXAMPLES_DIR, build_app, caption_uploads
+from conftest import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -21,9 +21,7 @@ def captioner(trained):
 
 @pytest.fixture(scope="module")
 def server(captioner):
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     app = build_app(captioner)
     app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, max_file_size="1mb")
     yield f"http://127.0.0.1:{port}/"

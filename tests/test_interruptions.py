@@ -21,16 +21,19 @@ from captioner.cli import main
 from conftest import tiny_config
 
 
-def wait_for(condition, timeout: float, process: subprocess.Popen):
+def kill_when(command: list[str], condition, timeout: float = 240) -> None:
+    """Run `command`, SIGKILL it as soon as `condition()` holds; fail if it ends or times out first."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + timeout
-    while time.time() < deadline:
-        if condition():
-            return
+    while not condition():
         if process.poll() is not None:
             pytest.fail(f"process ended early with {process.returncode}: {process.stderr.read()[-2000:]}")
+        if time.time() > deadline:
+            process.kill()
+            pytest.fail("timed out waiting")
         time.sleep(0.05)
-    process.kill()
-    pytest.fail("timed out waiting")
+    process.send_signal(signal.SIGKILL)
+    process.wait()
 
 
 def test_training_killed_mid_run_resumes_from_the_last_checkpoint(tiny_flickr8k, trained, tmp_path):
@@ -39,10 +42,7 @@ def test_training_killed_mid_run_resumes_from_the_last_checkpoint(tiny_flickr8k,
     config_path.write_text(yaml.safe_dump(config.to_dict()))
     metrics = tmp_path / "run" / "metrics.jsonl"
     command = [sys.executable, "-m", "captioner", "train", "--config", str(config_path), "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2, 240, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(command, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2)
     killed_after = len(metrics.read_text().splitlines())
     assert killed_after < 40
     load_checkpoint(tmp_path / "run" / "last.pt")  # whole, never half-written
@@ -64,10 +64,7 @@ def test_caption_run_killed_and_rerun_gives_each_image_exactly_one_row(trained, 
     out = tmp_path / "captions.jsonl"
     command = [sys.executable, "-m", "captioner", "caption", str(folder), "--checkpoint", str(trained[1] / "best.pt"),
                "--out", str(out), "--batch-size", "1", "--workers", "0", "--no-progress"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: out.is_file() and len(out.read_text().splitlines()) >= 5, 240, process)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_when(command, lambda: out.is_file() and len(out.read_text().splitlines()) >= 5)
     done_before = len(out.read_text().splitlines())
     assert done_before < 49
 

@@ -11,7 +11,7 @@ from captioner import Captioner
 from captioner.cli import main
 from captioner.inference import DEFAULT_CHECKPOINT
 from captioner.webapp import EXAMPLES_DIR
-from conftest import SHARED_FLICKR8K
+from conftest import SHARED_FLICKR8K, free_port
 
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped model yet")
 
@@ -60,9 +60,7 @@ def test_python_app_py_serves_the_shipped_model(tmp_path):
 
     from gradio_client import Client, handle_file
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     repo = Path(__file__).resolve().parents[1]
     server = subprocess.Popen([sys.executable, str(repo / "app.py"), "--port", str(port)], cwd=tmp_path,
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
