@@ -82,7 +82,8 @@ def run(args) -> int:
                           progress=not args.no_progress)
         names = ["bleu1", "bleu2", "bleu3", "bleu4"]
         print(f"{result['dataset']} {result['split']} ({result['images']} images), beam {result['beam_size']}: "
-              + ", ".join(f"BLEU-{n[-1]} {result[n]:.4f}" for n in names))
+              + ", ".join(f"BLEU-{n[-1]} {result[n]:.4f}" for n in names)
+              + f", CIDEr-D {result['cider_d']:.4f}, ROUGE-L {result['rouge_l']:.4f}")
         print(json.dumps(result))
         return 0
     if args.command == "caption":

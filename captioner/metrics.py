@@ -1,4 +1,4 @@
-"""Caption metrics, Java-free.
+"""Caption metrics, Java-free: BLEU-1..4, CIDEr-D and ROUGE-L.
 
 BLEU is nltk's `corpus_bleu`: corpus-level n-gram precisions with the standard brevity penalty,
 no smoothing, over the same tokens training uses (`text.tokenize`: lowercase Treebank tokens,
@@ -6,7 +6,9 @@ punctuation dropped), with all reference captions of each image. Scores are in [
 """
 from __future__ import annotations
 
+import math
 import warnings
+from collections import Counter
 
 from nltk.translate.bleu_score import corpus_bleu
 
@@ -28,3 +30,71 @@ def bleu_scores(references: list[list[list[str]]], hypotheses: list[list[str]]) 
         warnings.simplefilter("ignore")
         scores = corpus_bleu(references, hypotheses, weights=list(BLEU_WEIGHTS.values()))
     return {name: float(score) for name, score in zip(BLEU_WEIGHTS, scores)}
+
+
+def _ngrams(tokens: list[str], n_max: int = 4) -> Counter:
+    return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
+
+
+def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]], sigma: float = 6.0) -> float:
+    """CIDEr-D as coco-caption's CiderD computes it (idf from this corpus's references, x10), Java-free."""
+    document_frequency: Counter = Counter()
+    reference_counts = [[_ngrams(r) for r in refs] for refs in references]
+    for counts in reference_counts:
+        document_frequency.update(set(g for c in counts for g in c))
+    log_images = math.log(float(len(references)))
+
+    def vector(counts: Counter):
+        vec: list[dict] = [{} for _ in range(4)]
+        norm = [0.0] * 4
+        length = 0
+        for gram, frequency in counts.items():
+            n = len(gram) - 1
+            vec[n][gram] = frequency * (log_images - math.log(max(1.0, document_frequency[gram])))
+            norm[n] += vec[n][gram] ** 2
+            if n == 1:  # coco-caption measures length in bigrams; kept for comparable numbers
+                length += frequency
+        return vec, [math.sqrt(x) for x in norm], length
+
+    total = 0.0
+    for hypothesis, refs in zip(hypotheses, reference_counts):
+        vec_h, norm_h, length_h = vector(_ngrams(hypothesis))
+        score = [0.0] * 4
+        for ref in refs:
+            vec_r, norm_r, length_r = vector(ref)
+            penalty = math.exp(-((length_h - length_r) ** 2) / (2 * sigma ** 2))
+            for n in range(4):
+                value = sum(min(v, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, v in vec_h[n].items())
+                if norm_h[n] and norm_r[n]:
+                    value /= norm_h[n] * norm_r[n]
+                score[n] += value * penalty
+        total += sum(score) / 4 / len(refs) * 10.0
+    return total / len(hypotheses)
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    previous = [0] * (len(b) + 1)
+    for x in a:
+        current = [0]
+        for j, y in enumerate(b):
+            current.append(previous[j] + 1 if x == y else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]
+
+
+def rouge_l(references: list[list[list[str]]], hypotheses: list[list[str]], beta: float = 1.2) -> float:
+    """ROUGE-L as coco-caption computes it: best LCS precision and recall over the references, F-beta."""
+    total = 0.0
+    for hypothesis, refs in zip(hypotheses, references):
+        lcs = [_lcs(r, hypothesis) for r in refs]
+        precision = max((l / len(hypothesis) if hypothesis else 0.0) for l in lcs)
+        recall = max((l / len(r) if r else 0.0) for l, r in zip(lcs, refs))
+        if precision and recall:
+            total += (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision)
+    return total / len(hypotheses)
+
+
+def caption_scores(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+    """BLEU-1..4, CIDEr-D and ROUGE-L of a corpus."""
+    return {**bleu_scores(references, hypotheses), "cider_d": cider_d(references, hypotheses),
+            "rouge_l": rouge_l(references, hypotheses)}

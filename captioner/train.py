@@ -27,7 +27,7 @@ from .decoder import CaptionDecoder
 from .encoder import Encoder, encoder_from_config
 from .features import FeatureTable, cached_features
 from .inference import decode_features, resolve_device
-from .metrics import bleu_scores
+from .metrics import caption_scores
 from .text import Vocabulary, tokenize
 
 
@@ -71,14 +71,14 @@ def caption_tensor(records: list[ImageRecord], vocab: Vocabulary, max_words: int
 @torch.inference_mode()
 def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, records: list[ImageRecord], decode,
                       device, batch_size: int = 256, progress: bool = False) -> tuple[dict[str, float], list[str]]:
-    """Decode every image once, batched, and score BLEU-1..4 against all its references."""
+    """Decode every image once, batched, and score it (BLEU-1..4, CIDEr-D, ROUGE-L) against all its references."""
     decoder.eval()
     captions = []
     for start in tqdm(range(0, len(records), batch_size), desc="decoding", disable=not progress, file=sys.stderr):
         batch = features[start:start + batch_size].to(device)
         captions += [hyps[0].text for hyps in decode_features(decoder, vocab, batch, decode)]
     references = [[tokenize(c) for c in r.captions] for r in records]
-    return bleu_scores(references, [c.split() for c in captions]), captions
+    return caption_scores(references, [c.split() for c in captions]), captions
 
 
 def lr_lambda(config: Config, total_steps: int):

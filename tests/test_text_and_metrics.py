@@ -37,3 +37,25 @@ def test_bleu_uses_all_references_and_checks_lengths():
     assert bleu_scores(refs, [["a", "small", "dog"]])["bleu3"] == pytest.approx(1.0)
     with pytest.raises(ValueError):
         bleu_scores(refs, [])
+
+
+def test_cider_d_matches_hand_computed_values():
+    from captioner.metrics import cider_d
+
+    refs = [[["a", "b"]], [["c", "d"]]]
+    # exact match: unigram and bigram cosine 1, no tri/4-grams -> mean([1, 1, 0, 0]) * 10
+    assert cider_d(refs, [["a", "b"], ["c", "d"]]) == pytest.approx(5.0)
+    # "a a" vs "a b": unigram tf-idf cosine (2*1) / (2 * sqrt(2)) with equal idf, bigram 0 -> 10 * 0.35355 / 4
+    import math
+    assert cider_d(refs, [["a", "a"], ["c", "d"]]) == pytest.approx((10 / (2 * math.sqrt(2)) / 4 + 5.0) / 2)
+
+
+def test_rouge_l_matches_hand_computed_value():
+    from captioner.metrics import rouge_l
+
+    # LCS("a b c d", "a c d e f") = 3: precision 3/4, recall 3/5, beta 1.2
+    p, r, b2 = 3 / 4, 3 / 5, 1.2 ** 2
+    expected = (1 + b2) * p * r / (r + b2 * p)
+    assert rouge_l([[["a", "c", "d", "e", "f"]]], [["a", "b", "c", "d"]]) == pytest.approx(expected)
+    assert rouge_l([[["x"], ["a", "b"]]], [["a", "b"]]) == pytest.approx(1.0)  # best reference counts
+    assert rouge_l([[["x"]]], [[]]) == 0.0
