@@ -15,6 +15,7 @@ import os
 import platform
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -47,10 +48,8 @@ def _is_finished(run: Path, config) -> bool:
     return bool(config.train.patience) and since_best >= config.train.patience
 
 
-def score(run: Path, dataset, tables: dict) -> dict:
+def score(run: Path, dataset, table) -> tuple[dict, list[dict]]:
     config, vocab, decoder, payload = load_checkpoint(run / "best.pt")
-    table = tables.setdefault("features", None) or prepare_features(config, dataset, "cpu", progress=False)[0]
-    tables["features"] = table
     row = {"cell": config.decoder.cell, "parameters": sum(p.numel() for p in decoder.parameters())}
     history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     row["epochs"] = len(history)
@@ -60,7 +59,7 @@ def score(run: Path, dataset, tables: dict) -> dict:
         records = readable(dataset.split(split), table)
         features = table.lookup([r.path for r in records])
         for beam in (1, 3):
-            decode = config.decode.__class__(**{**config.decode.__dict__, "beam_size": beam})
+            decode = replace(config.decode, beam_size=beam)
             scores, _ = evaluate_features(decoder, vocab, features, records, decode, "cpu")
             row.update({f"{split}_beam{beam}_{k}": v for k, v in scores.items()})
             if split == "test":  # decoding alone, without scoring
@@ -110,11 +109,12 @@ def main() -> None:
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
     runs = {cell: run_cell(args.config, cell, args.set) for cell in args.cells}
-    dataset = load_dataset(load_config(args.config, args.set).data)
-    tables: dict = {}
+    config = load_config(args.config, args.set)
+    dataset = load_dataset(config.data)
+    table, _ = prepare_features(config, dataset, "cpu", progress=False)  # the same cached features for every cell
     rows, histories = [], {}
     for cell, run in runs.items():
-        row, history = score(run, dataset, tables)
+        row, history = score(run, dataset, table)
         rows.append(row)
         histories[cell] = history
     write_report(rows, histories, Path(args.out), args.config)

@@ -10,7 +10,6 @@ from pathlib import Path
 import gradio as gr
 
 from .inference import Captioner
-from .transform import ImageLoadError
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "20mb"
@@ -26,18 +25,17 @@ def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_si
         files = [files]
     beam = 1 if decoding == "greedy" else int(beam_size)
     n_best = max(1, min(int(n_best), beam))
+    paths = [str(getattr(file, "name", file)) for file in files]
+    results = {index: (captions, error) for index, captions, error in captioner.caption_files(
+        paths, batch_size=captioner.config.encoder.batch_size, num_workers=0, n_best=n_best, beam_size=beam, max_length=int(max_length),
+        length_penalty=float(length_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))}
     gallery, table = [], []
-    for file in files:
-        path = str(getattr(file, "name", file))
+    for index, path in enumerate(paths):
+        captions, error = results[index]
         name = Path(path).name
-        try:
-            captions = captioner.caption([path], beam_size=beam, max_length=int(max_length),
-                                         length_penalty=float(length_penalty),
-                                         no_repeat_ngram_size=int(no_repeat_ngram_size), n_best=n_best)[0]
-        except ImageLoadError as error:
-            table.append([name, None, "", None, str(error).replace(path, name)])
+        if error is not None:
+            table.append([name, None, "", None, error.replace(path, name)])
             continue
-        captions = captions if isinstance(captions, list) else [captions]
         gallery.append((path, captions[0].text))
         table += [[name, rank, c.text, round(c.score, 3), ""] for rank, c in enumerate(captions, start=1)]
     if not gallery:
