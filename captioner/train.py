@@ -2,6 +2,11 @@
 
 The run folder gets config.yaml, metrics.jsonl, curves.png, last.pt (everything --resume
 needs) and best.pt (best dev BLEU-4). Checkpoints are written atomically.
+
+Under torchrun the same loop runs DistributedDataParallel: each rank encodes a shard of the
+images, takes its share of every global batch (train.batch_size is the global batch), and
+decodes a shard of dev; only rank 0 writes files. One process without torchrun is the same
+code with world size 1.
 """
 from __future__ import annotations
 
@@ -24,9 +29,11 @@ from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .decoder import CaptionDecoder
+from .distributed import SINGLE, Ranks, shard, unshard, unshard_features
+from . import distributed
 from .encoder import Encoder, encoder_from_config
 from .features import FeatureTable, cached_features
-from .inference import decode_features, resolve_device
+from .inference import decode_features
 from .metrics import caption_scores
 from .text import Vocabulary, tokenize
 
@@ -36,14 +43,20 @@ class TrainingError(RuntimeError):
 
 
 def prepare_features(config: Config, dataset: CaptionDataset, device, progress: bool = True,
-                     encoder: Encoder | None = None) -> tuple[FeatureTable, dict]:
-    """Encode every image of every split once (or read the cache); returns the table and encoder info."""
+                     encoder: Encoder | None = None, ranks: Ranks = SINGLE) -> tuple[FeatureTable, dict]:
+    """Encode every image of every split once (or read the cache); returns the table and encoder info.
+
+    Under torchrun each rank encodes (and caches) its shard of the images, then all ranks
+    exchange them, so a rerun with the same number of processes reads its shard from the cache.
+    """
     encoder = encoder or encoder_from_config(config.encoder)
-    paths = [r.path for records in dataset.splits.values() for r in records]
+    paths = shard(sorted({str(r.path) for records in dataset.splits.values() for r in records}), ranks)
     table = cached_features(encoder, paths, config.train.cache_dir, config.encoder.batch_size,
-                            config.encoder.num_workers, device, progress)
+                            config.encoder.num_workers, device, progress and ranks.is_main)
+    table = unshard_features(table, ranks) if ranks.distributed else table
     for path, reason in table.failed.items():
-        print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
+        if ranks.is_main:
+            print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
     info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
             "feature_dim": encoder.feature_dim}
     return table, info
@@ -70,13 +83,19 @@ def caption_tensor(records: list[ImageRecord], vocab: Vocabulary, max_words: int
 
 @torch.inference_mode()
 def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, records: list[ImageRecord], decode,
-                      device, batch_size: int = 256, progress: bool = False) -> tuple[dict[str, float], list[str]]:
-    """Decode every image once, batched, and score it (BLEU-1..4, CIDEr-D, ROUGE-L) against all its references."""
+                      device, batch_size: int = 256, progress: bool = False,
+                      ranks: Ranks = SINGLE) -> tuple[dict[str, float], list[str]]:
+    """Decode every image once, batched, and score it (BLEU-1..4, CIDEr-D, ROUGE-L) against all its references.
+
+    Under torchrun each rank decodes a shard and every rank scores the gathered captions.
+    """
     decoder.eval()
+    mine = shard(features, ranks)
     captions = []
-    for start in tqdm(range(0, len(records), batch_size), desc="decoding", disable=not progress, file=sys.stderr):
-        batch = features[start:start + batch_size].to(device)
+    for start in tqdm(range(0, len(mine), batch_size), desc="decoding", disable=not progress, file=sys.stderr):
+        batch = mine[start:start + batch_size].to(device)
         captions += [hyps[0].text for hyps in decode_features(decoder, vocab, batch, decode)]
+    captions = unshard(captions, ranks)
     references = [[tokenize(c) for c in r.captions] for r in records]
     return caption_scores(references, [c.split() for c in captions]), captions
 
@@ -123,8 +142,18 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
+    ranks, device = distributed.setup(config.train.device)
+    try:
+        return _train(config, resume, progress, ranks, device)
+    finally:
+        distributed.teardown()
+
+
+def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: torch.device) -> Path:
     out_dir = Path(config.train.out_dir)
     last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
+    main = ranks.is_main
+    log = (lambda message: print(message, file=sys.stderr)) if main else (lambda message: None)
     state = None
     if resume:
         if not last_path.is_file():
@@ -135,21 +164,24 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         saved = Config.from_dict(state["config"], source=str(last_path))
         config = replace(saved, train=replace(saved.train, epochs=config.train.epochs, patience=config.train.patience,
                                               device=config.train.device, threads=config.train.threads))
+        if state["training"].get("world_size", 1) != ranks.world_size:
+            log(f"note: {last_path} was trained with {state['training'].get('world_size', 1)} processes, resuming "
+                f"with {ranks.world_size}: same global batch, but dropout draws differ")
     elif last_path.exists():
         raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it, "
                             f"or choose another train.out_dir")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    device = resolve_device(config.train.device)
     random.seed(config.train.seed)
-    torch.manual_seed(config.train.seed)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    torch.manual_seed(config.train.seed + ranks.rank)  # dropout draws differ per rank; data order does not
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     dataset = load_dataset(config.data)
     for note in dataset.notes:
-        print(f"note: {note}", file=sys.stderr)
-    table, encoder_info = prepare_features(config, dataset, device, progress)
+        log(f"note: {note}")
+    table, encoder_info = prepare_features(config, dataset, device, progress, ranks=ranks)
     train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
     if state is not None:
         vocab = Vocabulary(state["vocab"])
@@ -158,14 +190,18 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
     train_features = table.lookup([r.path for r in train_records])
     dev_features = table.lookup([r.path for r in dev_records])
     tokens, image_rows = caption_tensor(train_records, vocab, config.data.max_caption_length)
-    print(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
-          f"vocabulary {len(vocab)} words, device {device}", file=sys.stderr)
+    log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
+        f"vocabulary {len(vocab)} words, device {device}"
+        + (f", {ranks.world_size} processes" if ranks.distributed else ""))
 
     decoder = CaptionDecoder(len(vocab), encoder_info["feature_dim"], config.decoder).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     steps_per_epoch = math.ceil(len(tokens) / config.train.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch * config.train.epochs))
-    loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=config.train.label_smoothing)
+    # Summed here and divided by the global batch's token count below, so that the gradient
+    # DDP averages over ranks equals the single-process gradient of the same global batch.
+    loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=config.train.label_smoothing,
+                                  reduction="sum")
     history: list[dict] = []
     best_bleu4, bad_epochs, start_epoch = -1.0, 0, 1
     if state is not None:
@@ -173,60 +209,76 @@ def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
         decoder.load_state_dict(state["decoder"])
         optimizer.load_state_dict(training["optimizer"])
         scheduler.load_state_dict(training["scheduler"])
-        torch.set_rng_state(training["rng"])
+        rng_states = training.get("rng_per_rank") or [training["rng"]]
+        torch.set_rng_state(rng_states[ranks.rank] if ranks.rank < len(rng_states) else rng_states[0])
         history, best_bleu4 = list(training["history"]), float(training["best_bleu4"])
         bad_epochs, start_epoch = int(training["bad_epochs"]), int(training["epoch"]) + 1
-        print(f"resuming {out_dir} after epoch {start_epoch - 1} (best dev BLEU-4 {best_bleu4:.4f})", file=sys.stderr)
+        log(f"resuming {out_dir} after epoch {start_epoch - 1} (best dev BLEU-4 {best_bleu4:.4f})")
+    model = decoder
+    if ranks.distributed:
+        model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if device.type == "cuda" else None)
 
     dev_decode = replace(config.decode, beam_size=config.train.dev_beam_size)
     for epoch in range(start_epoch, config.train.epochs + 1):
         if config.train.patience and bad_epochs >= config.train.patience:
             break
         started = time.perf_counter()
-        decoder.train()
+        model.train()
         order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(config.train.seed * 1000 + epoch))
-        total_loss, total_count = 0.0, 0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.train.epochs}", disable=not progress,
+        loss_sum, token_count = torch.zeros((), dtype=torch.float64), 0
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.train.epochs}", disable=not (progress and main),
                    file=sys.stderr)
         for step in bar:
-            batch = order[step * config.train.batch_size:(step + 1) * config.train.batch_size]
+            global_batch = order[step * config.train.batch_size:(step + 1) * config.train.batch_size]
+            global_tokens = int((tokens[global_batch, 1:] != vocab.pad).sum())
+            batch, weight = shard(global_batch, ranks), 1.0
+            if len(batch) == 0:  # a last global batch smaller than the world: still join the all-reduce
+                batch, weight = global_batch[:1], 0.0
             captions = tokens[batch]
             captions = captions[:, : int((captions != vocab.pad).sum(1).max())].to(device)
             features = train_features[image_rows[batch]].to(device)
-            logits = decoder(features, captions[:, :-1])
-            loss = loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
+            logits = model(features, captions[:, :-1])
+            summed = weight * loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
+            loss = summed * ranks.world_size / global_tokens
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.train.grad_clip:
                 nn.utils.clip_grad_norm_(decoder.parameters(), config.train.grad_clip)
             optimizer.step()
             scheduler.step()
-            total_loss += loss.item() * len(batch)
-            total_count += len(batch)
-            if step % 20 == 0:
-                bar.set_postfix(loss=f"{total_loss / total_count:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            loss_sum += summed.detach().double().cpu()
+            token_count += global_tokens
+            if step % 20 == 0 and main:
+                bar.set_postfix(loss=f"{float(loss_sum) * ranks.world_size / token_count:.3f}",
+                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         train_seconds = time.perf_counter() - started
+        train_loss = sum(distributed.all_gather(float(loss_sum), ranks)) / max(token_count, 1)
 
-        dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device)
-        record = {"epoch": epoch, "train_loss": total_loss / max(total_count, 1), "lr": scheduler.get_last_lr()[0],
+        dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device, ranks=ranks)
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                   "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
                   **{f"dev_{k}": round(v, 5) for k, v in dev.items()}}
         history.append(record)
         improved = dev["bleu4"] > best_bleu4
         best_bleu4, bad_epochs = (dev["bleu4"], 0) if improved else (best_bleu4, bad_epochs + 1)
-        print(f"epoch {epoch}: loss {record['train_loss']:.3f}, dev BLEU-4 {dev['bleu4']:.4f} "
-              f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s", file=sys.stderr)
+        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, dev BLEU-4 {dev['bleu4']:.4f} "
+            f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s")
 
-        provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
-                      "train_images": len(train_records), "epoch": epoch, "dev": record,
-                      "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": str(torch.__version__)}
-        training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(), "history": history, "best_bleu4": best_bleu4, "bad_epochs": bad_epochs}
-        if improved:
-            save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance)
-        save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training)
-        write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-        plot_curves(history, out_dir / "curves.png")
-    print(f"best dev BLEU-4 {best_bleu4:.4f}: {best_path}", file=sys.stderr)
+        rng_per_rank = distributed.all_gather(torch.get_rng_state(), ranks)
+        if main:
+            provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
+                          "train_images": len(train_records), "epoch": epoch, "dev": record,
+                          "processes": ranks.world_size,
+                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                          "torch": str(torch.__version__)}
+            training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": ranks.world_size,
+                        "history": history, "best_bleu4": best_bleu4, "bad_epochs": bad_epochs}
+            if improved:
+                save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance)
+            save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training)
+            write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+            plot_curves(history, out_dir / "curves.png")
+    log(f"best dev BLEU-4 {best_bleu4:.4f}: {best_path}")
     return best_path
