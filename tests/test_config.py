@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from captioner.config import Config, ConfigError, load_config
@@ -9,6 +11,12 @@ def test_shipped_config_loads_and_overrides_apply():
     config = load_config(REPO_CONFIG, ["decoder.cell=gru", "train.epochs=2", "train.lr=1e-3"])
     assert config.decoder.cell == "gru"
     assert config.train.epochs == 2 and config.train.lr == pytest.approx(1e-3)
+    assert Config.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.parametrize("path", sorted(Path(__file__).resolve().parents[1].glob("configs/*.yaml")), ids=lambda p: p.name)
+def test_every_repo_config_loads(path):
+    config = load_config(path)
     assert Config.from_dict(config.to_dict()) == config
 
 
