@@ -12,11 +12,13 @@ import io
 import json
 import os
 import sys
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from .inference import Captioner
+from .inference import Caption, Captioner
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXIT_SOME_FAILED = 3
@@ -124,9 +126,23 @@ class RowWriter:
             self.handle.close()
 
 
-def caption_paths(captioner: Captioner, inputs: list[str], out: str | None = None, batch_size: int = 16,
-                  num_workers: int = 1, overwrite: bool = False, progress: bool = True, **decode_options) -> int:
-    """Caption everything under `inputs`; returns the exit status (0 all good, 3 some failed)."""
+def is_folder_output(out: str | None) -> bool:
+    """--out names a folder (ends with '/', or an existing folder without a suffix): Parquet files go there."""
+    return bool(out) and (out.endswith(("/", os.sep)) or (not Path(out).suffix and Path(out).is_dir()))
+
+
+@dataclass
+class CaptionPlan:
+    """What a run has to do: images still to caption, rows kept from an earlier run, inputs that failed."""
+
+    todo: list[str]
+    done: list[dict]
+    problems: list[tuple[str, str]]  # (input, why it gave no images)
+    skipped: int  # non-image files in folders
+
+
+def plan_captioning(inputs: list[str], out: str | None = None, overwrite: bool = False) -> CaptionPlan:
+    """Find the images; when `out` holds rows from an earlier run, keep its captions and plan only the rest."""
     paths, problems, skipped = collect_images(inputs)
     if not paths:
         raise FileNotFoundError("; ".join(problem for _, problem in problems) or "no inputs given")
@@ -138,27 +154,52 @@ def caption_paths(captioner: Captioner, inputs: list[str], out: str | None = Non
         if done:
             print(f"{out}: {len(done)} images already captioned, skipping them (--overwrite to redo)", file=sys.stderr)
     already = {r["path"] for r in done}
-    todo = [p for p in paths if printable(p) not in already]
-    writer = RowWriter(out, done)
-    captioned, failed = 0, len(problems)
+    return CaptionPlan([p for p in paths if printable(p) not in already], done, problems, skipped)
+
+
+def caption_row(path: str, caption: Caption) -> dict:
+    return {"path": printable(path), "caption": caption.text, "score": round(caption.score, 4)}
+
+
+def error_row(path: str, error: str) -> dict:
+    return {"path": printable(path), "error": printable(error)}
+
+
+def write_captions(plan: CaptionPlan, rows: Iterable[dict], out: str | None = None, progress: bool = True) -> int:
+    """Write the kept rows, one error row per problem, then `rows` (one per plan.todo) as they come.
+
+    Returns the exit status: 0 all good, 3 some failed.
+    """
+    writer = RowWriter(out, plan.done)
+    captioned, failed = 0, len(plan.problems)
     try:
-        for given, problem in problems:
-            writer.write({"path": printable(given), "error": printable(problem)})
+        for given, problem in plan.problems:
+            writer.write(error_row(given, problem))
             print(f"error: {printable(problem)}", file=sys.stderr)
-        with tqdm(total=len(todo), desc="captioning", unit="img", disable=not progress or not out,
+        with tqdm(total=len(plan.todo), desc="captioning", unit="img", disable=not progress or not out,
                   file=sys.stderr) as bar:
-            for index, captions, error in captioner.caption_files(todo, batch_size, num_workers, **decode_options):
-                if error is None:
-                    writer.write({"path": printable(todo[index]), "caption": captions[0].text,
-                                  "score": round(captions[0].score, 4)})
-                    captioned += 1
-                else:
-                    writer.write({"path": printable(todo[index]), "error": printable(error)})
-                    print(f"error: {printable(error)}", file=sys.stderr)
+            for row in rows:
+                writer.write(row)
+                if "error" in row:
+                    print(f"error: {row['error']}", file=sys.stderr)
                     failed += 1
+                else:
+                    captioned += 1
                 bar.update(1)
     finally:
         writer.close()
-    print(f"captioned {captioned}, failed {failed}, skipped {skipped} non-image files"
-          + (f", {len(already)} done before" if already else "") + (f"; rows in {out}" if out else ""), file=sys.stderr)
+    print(f"captioned {captioned}, failed {failed}, skipped {plan.skipped} non-image files"
+          + (f", {len(plan.done)} done before" if plan.done else "") + (f"; rows in {out}" if out else ""),
+          file=sys.stderr)
     return 0 if failed == 0 else EXIT_SOME_FAILED
+
+
+def caption_paths(captioner: Captioner, inputs: list[str], out: str | None = None, batch_size: int = 128,
+                  num_workers: int | None = None, overwrite: bool = False, progress: bool = True,
+                  **decode_options) -> int:
+    """Caption everything under `inputs`; returns the exit status (0 all good, 3 some failed)."""
+    plan = plan_captioning(inputs, out, overwrite)
+    results = captioner.caption_files(plan.todo, batch_size, num_workers, **decode_options)
+    rows = (caption_row(plan.todo[index], captions[0]) if error is None else error_row(plan.todo[index], error)
+            for index, captions, error in results)
+    return write_captions(plan, rows, out, progress)

@@ -14,9 +14,10 @@ import pickle
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from .config import Config, ConfigError
-from .decoder import CaptionDecoder
+from .config import Config, ConfigError, apply_override
+from .decoder import build_decoder
 from .features import atomic_save
 from .text import Vocabulary
 
@@ -27,7 +28,7 @@ class CheckpointError(ValueError):
     """A file that is not a captioner checkpoint, is damaged, or does not fit the model."""
 
 
-def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: CaptionDecoder,
+def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: nn.Module,
                     encoder_info: dict, provenance: dict, training: dict | None = None,
                     half: bool = False) -> None:
     weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
@@ -62,7 +63,7 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, CaptionDecoder, dict]:
+def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, nn.Module, dict]:
     """Config, vocabulary, decoder (eval mode, CPU, fp32) and the raw payload of a checkpoint."""
     payload = read_checkpoint(path)
     try:
@@ -73,7 +74,7 @@ def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, CaptionDecode
         vocab = Vocabulary(payload["vocab"])
     except (ValueError, TypeError) as error:
         raise CheckpointError(f"{path}: bad vocabulary: {error}") from None
-    decoder = CaptionDecoder(len(vocab), int(payload["encoder"]["feature_dim"]), config.decoder)
+    decoder = build_decoder(len(vocab), int(payload["encoder"]["feature_dim"]), config.decoder)
     weights = {k: v.float() if v.is_floating_point() else v for k, v in payload["decoder"].items()}
     try:
         decoder.load_state_dict(weights)
@@ -83,9 +84,23 @@ def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, CaptionDecode
     return config, vocab, decoder.eval(), payload
 
 
-def export_checkpoint(source: str | Path, target: str | Path, half: bool = True) -> dict:
-    """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance."""
+def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
+                      decode_overrides: list[str] = ()) -> dict:
+    """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance.
+
+    `decode_overrides` ("decode.beam_size=5", ...) change the decoding defaults stored with the model,
+    e.g. to settings chosen on dev by bench/tune_decoding.py; nothing else can change.
+    """
     config, vocab, decoder, payload = load_checkpoint(source)
+    if decode_overrides:
+        values = config.to_dict()
+        for override in decode_overrides:
+            if not override.startswith("decode."):
+                raise ConfigError(f"export --set {override}: only decode.* settings can change in an export")
+            apply_override(values, override)
+        config = Config.from_dict(values, source=f"export --set {' '.join(decode_overrides)}")
     provenance = dict(payload.get("provenance", {}), exported_from=Path(source).name, fp16=half)
+    if decode_overrides:
+        provenance["decode_overrides"] = list(decode_overrides)
     save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half)
     return provenance

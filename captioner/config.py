@@ -42,6 +42,8 @@ class DecoderConfig:
     hidden_dim: int = 512
     num_layers: int = 1
     dropout: float = 0.5
+    attention: bool = False  # True: soft attention over the encoder's grid (Show, Attend and Tell)
+    attention_dim: int = 256
 
 
 @dataclass
@@ -102,6 +104,9 @@ class Config:
             (self.decoder.embed_dim >= 1 and self.decoder.hidden_dim >= 1, "decoder sizes must be >= 1"),
             (self.decoder.num_layers >= 1, "decoder.num_layers must be >= 1"),
             (0.0 <= self.decoder.dropout < 1.0, "decoder.dropout must be in [0, 1)"),
+            (not self.decoder.attention or self.decoder.num_layers == 1,
+             "decoder.attention supports decoder.num_layers: 1 only"),
+            (self.decoder.attention_dim >= 1, "decoder.attention_dim must be >= 1"),
             (self.decode.beam_size >= 1, "decode.beam_size must be >= 1"),
             (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
             (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),

@@ -1,7 +1,11 @@
-"""The recurrent decoder: the image feature becomes the initial hidden state, words go in, words come out.
+"""The recurrent decoders: the image becomes the initial hidden state, words go in, words come out.
 
-`cell` picks nn.LSTM, nn.GRU or nn.RNN; all three use the fused cuDNN/oneDNN kernels for
-teacher forcing, and `step` advances one token at a time for greedy and beam search.
+CaptionDecoder (the default) sees only the pooled feature vector [B, D]. `cell` picks nn.LSTM,
+nn.GRU or nn.RNN; all three use the fused cuDNN/oneDNN kernels for teacher forcing, and `step`
+advances one token at a time for greedy and beam search.
+
+AttentionDecoder (decoder.attention: true) is Show, Attend and Tell's soft attention: it sees
+the encoder's grid [B, L, D] (L = H * W cells) and at every word looks again at the cells.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ State = torch.Tensor | tuple[torch.Tensor, torch.Tensor]  # h, or (h, c) for an 
 
 
 class CaptionDecoder(nn.Module):
+    uses_grid = False
+
     def __init__(self, vocab_size: int, feature_dim: int, config: DecoderConfig):
         super().__init__()
         self.cell = config.cell
@@ -49,6 +55,71 @@ class CaptionDecoder(nn.Module):
         """One decoding step: last tokens [N] -> log-probabilities [N, V] and the next state."""
         output, state = self.rnn(self.embed(tokens).unsqueeze(1), state)
         return torch.log_softmax(self.out(output.squeeze(1)).float(), dim=-1), state
+
+
+class AttentionDecoder(nn.Module):
+    """Attention over the grid cells (scaled dot-product, SAT's gate); the state carries the projected cells."""
+
+    uses_grid = True
+    CELLS = {"lstm": nn.LSTMCell, "gru": nn.GRUCell, "rnn": nn.RNNCell}
+
+    def __init__(self, vocab_size: int, feature_dim: int, config: DecoderConfig):
+        super().__init__()
+        self.cell, self.hidden_dim = config.cell, config.hidden_dim
+        self.feature_dim, self.vocab_size = feature_dim, vocab_size
+        self.feature_norm = nn.LayerNorm(feature_dim)
+        self.feature_dropout = nn.Dropout(config.dropout)
+        self.memory = nn.Linear(feature_dim, config.hidden_dim)
+        self.keys = nn.Linear(config.hidden_dim, config.attention_dim)
+        self.query = nn.Linear(config.hidden_dim, config.attention_dim)
+        self.gate = nn.Linear(config.hidden_dim, config.hidden_dim)  # SAT's beta: how much to look this step
+        self.init_h = nn.Linear(feature_dim, config.hidden_dim)
+        self.init_c = nn.Linear(feature_dim, config.hidden_dim) if config.cell == "lstm" else None
+        self.embed = nn.Embedding(vocab_size, config.embed_dim, padding_idx=0)
+        self.rnn = self.CELLS[config.cell](config.embed_dim + config.hidden_dim, config.hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.out = nn.Linear(2 * config.hidden_dim, vocab_size)
+
+    def init_state(self, grid: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """grid [B, L, D] -> (h, [c,] memory [1, B, L, H], keys [1, B, L, A]): the batch on dim 1 throughout."""
+        cells = self.feature_dropout(self.feature_norm(grid.float()))
+        pooled = cells.mean(1)
+        memory = self.memory(cells)
+        keys = self.keys(memory) / self.keys.out_features ** 0.5
+        hidden = [self.init_h(pooled)] + ([self.init_c(pooled)] if self.init_c is not None else [])
+        return (*(h.unsqueeze(0) for h in hidden), memory.unsqueeze(0), keys.unsqueeze(0))
+
+    def _advance(self, embedded: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        *hidden, memory, keys = state
+        h = hidden[0][0]
+        weights = torch.softmax(torch.bmm(keys[0], self.query(h).unsqueeze(2)), dim=1)  # [B, L, 1]
+        context = torch.sigmoid(self.gate(h)) * torch.bmm(weights.transpose(1, 2), memory[0]).squeeze(1)
+        step_input = torch.cat([embedded, context], dim=1)
+        if self.init_c is not None:
+            h, c = self.rnn(step_input, (h, hidden[1][0]))
+            hidden = [h.unsqueeze(0), c.unsqueeze(0)]
+        else:
+            h = self.rnn(step_input, h)
+            hidden = [h.unsqueeze(0)]
+        return torch.cat([h, context], dim=1), (*hidden, memory, keys)
+
+    def forward(self, grid: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: grid [B, L, D], input tokens [B, T] (starting with <bos>) -> logits [B, T, V]."""
+        state = self.init_state(grid)
+        embedded = self.dropout(self.embed(tokens))
+        outputs = []
+        for t in range(tokens.size(1)):
+            output, state = self._advance(embedded[:, t], state)
+            outputs.append(output)
+        return self.out(self.dropout(torch.stack(outputs, dim=1)))
+
+    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        output, state = self._advance(self.embed(tokens), state)
+        return torch.log_softmax(self.out(output).float(), dim=-1), state
+
+
+def build_decoder(vocab_size: int, feature_dim: int, config: DecoderConfig) -> nn.Module:
+    return (AttentionDecoder if config.attention else CaptionDecoder)(vocab_size, feature_dim, config)
 
 
 def select_state(state: State, index: torch.Tensor) -> State:

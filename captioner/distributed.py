@@ -79,7 +79,7 @@ def unshard_features(table: FeatureTable, ranks: Ranks) -> FeatureTable:
     """Each rank encoded a shard of the (sorted) image list; every rank gets the full table."""
     parts = all_gather((table.paths, table.features, table.failed), ranks)
     count = sum(len(paths) for paths, _, _ in parts)
-    paths, features, failed = [None] * count, torch.empty(count, table.features.shape[1], dtype=table.features.dtype), {}
+    paths, features, failed = [None] * count, torch.empty(count, *table.features.shape[1:], dtype=table.features.dtype), {}
     for rank, (part_paths, part_features, part_failed) in enumerate(parts):
         paths[rank::ranks.world_size] = part_paths
         features[rank::ranks.world_size] = part_features

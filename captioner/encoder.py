@@ -54,10 +54,28 @@ def _efficientnet_lite(variant: int) -> Callable[[str], nn.Module]:
 class _LiteGrid(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model = _inference_layout(model)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model.extract_features(images)
+
+
+def _inference_layout(model: nn.Module) -> nn.Module:
+    """Same numbers, less memory traffic: about a third of Lite0's CPU time went to zero-padding copies and
+    out-of-place ReLU6 (torch.profiler, batch 4). A symmetric 'same' pad becomes the convolution's own
+    padding (zeros either way; the asymmetric pads of the stride-2 convolutions stay), and ReLU6 runs in place
+    on intermediates. Weights and state_dict keys are untouched, so fingerprints and feature caches stay valid.
+    """
+    from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
+
+    for module in model.modules():
+        if isinstance(module, Conv2dStaticSamePadding) and isinstance(module.static_padding, nn.ZeroPad2d):
+            left, right, top, bottom = module.static_padding.padding
+            if left == right and top == bottom and module.padding == (0, 0):
+                module.padding, module.static_padding = (top, left), nn.Identity()
+        elif isinstance(module, nn.ReLU6):
+            module.inplace = True
+    return model
 
 
 def _torchvision(name: str, head: Callable[[nn.Module], nn.Module]) -> Callable[[str], nn.Module]:
@@ -140,6 +158,11 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         grid = self.backbone(images.contiguous(memory_format=torch.channels_last))
         return grid.mean(dim=(2, 3)), grid
+
+    def encode(self, images: torch.Tensor, grid: bool = False) -> torch.Tensor:
+        """What a decoder reads: pooled features [B, D], or for attention the grid's cells [B, H * W, D]."""
+        pooled, cells = self(images)
+        return cells.flatten(2).transpose(1, 2).contiguous() if grid else pooled
 
     def fingerprint(self) -> str:
         """A short hash of the weights, to tell whether a decoder was trained on this encoder's features."""

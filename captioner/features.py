@@ -41,11 +41,14 @@ def _collate(items):
     return [i for i, _ in good], images, errors
 
 
+IN_PROCESS_UP_TO = 64  # starting a worker process costs 0.1-0.4 s, more than decoding this many small JPEGs
+
+
 def iter_image_batches(sources: Sequence[ImageSource], transform: ImageTransform, batch_size: int,
                        num_workers: int) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
     """Decode and transform images in worker processes: yields (indices, batch, [(index, error)])."""
     in_memory = any(not isinstance(s, (str, Path)) for s in sources)
-    workers = 0 if in_memory or len(sources) <= batch_size else num_workers
+    workers = 0 if in_memory or len(sources) <= max(batch_size, IN_PROCESS_UP_TO) else num_workers
     loader = DataLoader(_ImageFiles(sources, transform), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False)
     yield from loader
@@ -53,19 +56,24 @@ def iter_image_batches(sources: Sequence[ImageSource], transform: ImageTransform
 
 @torch.inference_mode()
 def extract_features(encoder: Encoder, paths: Sequence[ImageSource], batch_size: int = 16, num_workers: int = 1,
-                     device: str | torch.device = "cpu", progress: bool = True,
-                     desc: str = "encoding images") -> tuple[torch.Tensor, dict[int, str]]:
-    """Pooled features [N, D] in fp16 (zeros where an image failed) and {index: reason} for failures."""
+                     device: str | torch.device = "cpu", progress: bool = True, desc: str = "encoding images",
+                     grid: bool = False) -> tuple[torch.Tensor, dict[int, str]]:
+    """Features in fp16, pooled [N, D] or grid cells [N, H * W, D] (zeros where an image failed), and
+    {index: reason} for failures."""
     encoder = encoder.to(device)
-    features = torch.zeros(len(paths), encoder.feature_dim, dtype=torch.float16)
+    features = None if grid else torch.zeros(len(paths), encoder.feature_dim, dtype=torch.float16)
     failed: dict[int, str] = {}
     with tqdm(total=len(paths), desc=desc, unit="img", disable=not progress, file=sys.stderr) as bar:
         for indices, images, errors in iter_image_batches(paths, encoder.transform, batch_size, num_workers):
             failed.update(errors)
             if images is not None:
-                pooled, _ = encoder(images.to(device))
-                features[indices] = pooled.to("cpu", torch.float16)
+                encoded = encoder.encode(images.to(device), grid).to("cpu", torch.float16)
+                if features is None:  # the grid's size is known once the CNN has run
+                    features = torch.zeros(len(paths), *encoded.shape[1:], dtype=torch.float16)
+                features[indices] = encoded
             bar.update(len(indices) + len(errors))
+    if features is None:  # no image could be read: a grid of no cells
+        features = torch.zeros(len(paths), 0, encoder.feature_dim, dtype=torch.float16)
     return features, failed
 
 
@@ -85,13 +93,14 @@ class FeatureTable:
 
 
 def cached_features(encoder: Encoder, paths: Sequence[str | Path], cache_dir: str | Path, batch_size: int = 16,
-                    num_workers: int = 1, device: str | torch.device = "cpu", progress: bool = True) -> FeatureTable:
+                    num_workers: int = 1, device: str | torch.device = "cpu", progress: bool = True,
+                    grid: bool = False) -> FeatureTable:
     paths = sorted({str(p) for p in paths})
     listing = hashlib.sha256()
     for path in paths:
         stat = os.stat(path)
         listing.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    folder = Path(cache_dir) / encoder.cache_key()
+    folder = Path(cache_dir) / (encoder.cache_key() + ("-grid" if grid else ""))
     cache_file = folder / f"{listing.hexdigest()[:20]}.pt"
     if cache_file.is_file():
         try:
@@ -101,7 +110,7 @@ def cached_features(encoder: Encoder, paths: Sequence[str | Path], cache_dir: st
         except Exception as error:  # a damaged cache is rebuilt, not trusted
             print(f"warning: ignoring unreadable feature cache {cache_file}: {error}", file=sys.stderr)
     features, failed = extract_features(encoder, paths, batch_size, num_workers, device, progress,
-                                        desc=f"encoding {len(paths)} images ({encoder.name})")
+                                        desc=f"encoding {len(paths)} images ({encoder.name})", grid=grid)
     table = FeatureTable(paths, features, {paths[i]: reason for i, reason in failed.items()})
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save({"paths": table.paths, "features": table.features, "failed": table.failed}, cache_file)

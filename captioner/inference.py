@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -23,6 +24,13 @@ from .text import Vocabulary
 from .transform import ImageSource
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "default.pt"
+
+# Batch sizes per stage (bench/speed.py measures them). On a CPU, EfficientNet-Lite0 with channels-last is
+# fastest a few images per call (on 2 cores, 1.5-2x faster at 2-4 images than at 16-32), while the
+# decoder and beam search keep gaining from big batches (beam 3: about 15 images/s one at a time, 150 at 16,
+# 300 at 128). So the CNN runs in chunks and their features gather into one big search batch.
+CPU_ENCODER_BATCH = 4
+DECODE_BATCH = 128
 
 
 @dataclass
@@ -92,6 +100,21 @@ class Captioner:
     def caption_features(self, features: torch.Tensor, n_best: int = 1, **options) -> list[list[Caption]]:
         return decode_features(self.decoder, self.vocab, features.to(self.device), self.decode_options(**options), n_best)
 
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch of transformed images -> the features the decoder reads (pooled, or grid cells for attention)."""
+        return self.encoder.encode(images.to(self.device), grid=self.decoder.uses_grid)
+
+    def encoder_batch_size(self, batch_size: int) -> int:
+        """Images per CNN call for a batch of `batch_size`: a few on a CPU (CPU_ENCODER_BATCH), all on a GPU."""
+        return max(1, min(batch_size, CPU_ENCODER_BATCH) if self.device.type == "cpu" else batch_size)
+
+    def default_workers(self) -> int:
+        """Processes decoding image files: none on a CPU whose cores torch's threads already fill (there a
+        decoding process only takes turns with the CNN, and costs more than it hides: bench/speed.py), one
+        where the CNN leaves CPU time over (a GPU, spare cores)."""
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return 0 if self.device.type == "cpu" and torch.get_num_threads() >= cpus else 1
+
     @torch.inference_mode()
     def caption(self, images: Sequence[ImageSource] | ImageSource, n_best: int = 1, **options):
         """Caption paths, bytes or PIL images. One image -> Caption; a list -> list of Caption.
@@ -100,24 +123,49 @@ class Captioner:
         """
         single = not isinstance(images, (list, tuple))
         batch = [images] if single else list(images)
-        size = self.config.encoder.batch_size
-        results = []
-        for start in range(0, len(batch), size):
-            tensors = torch.stack([self.encoder.transform.load(image) for image in batch[start:start + size]])
-            results += self.caption_features(self.encoder(tensors.to(self.device))[0], n_best, **options)
+        decode = self.decode_options(**options)
+        chunk = self.encoder_batch_size(DECODE_BATCH)
+        pooled = []
+        for start in range(0, len(batch), chunk):  # the CNN in small chunks, the search over everything at once
+            tensors = torch.stack([self.encoder.transform.load(image) for image in batch[start:start + chunk]])
+            pooled.append(self.encode(tensors))
+        features, results = (torch.cat(pooled) if pooled else torch.zeros(0)), []
+        for start in range(0, len(features), DECODE_BATCH):
+            results += decode_features(self.decoder, self.vocab, features[start:start + DECODE_BATCH], decode, n_best)
         results = [r if n_best > 1 else r[0] for r in results]
         return results[0] if single else results
 
     @torch.inference_mode()
-    def caption_files(self, paths: Sequence[str | Path], batch_size: int = 16, num_workers: int = 1, n_best: int = 1,
+    def caption_files(self, paths: Sequence[str | Path], batch_size: int = DECODE_BATCH,
+                      num_workers: int | None = None, n_best: int = 1,
                       **options) -> Iterator[tuple[int, list[Caption] | None, str | None]]:
-        """(index, captions, None) or (index, None, error) per path, in order of completion per batch."""
+        """(index, captions, None) or (index, None, error) per path, as each batch of `batch_size` is done.
+
+        `num_workers` processes (None: default_workers) decode the files while the CNN encodes them a few
+        at a time (encoder_batch_size); the features gather until `batch_size` images are encoded, then the
+        search decodes them as one batch. Captions are the same as one image at a time (search is exact per
+        image); an unreadable file's error comes as soon as it is found.
+        """
         decode = self.decode_options(**options)
-        for indices, images, errors in iter_image_batches([str(p) for p in paths], self.encoder.transform,
-                                                          batch_size, num_workers):
+        chunk = self.encoder_batch_size(batch_size)
+        num_workers = self.default_workers() if num_workers is None else num_workers
+        waiting: list[int] = []
+        pooled: list[torch.Tensor] = []
+
+        def flush():
+            if waiting:
+                captions = decode_features(self.decoder, self.vocab, torch.cat(pooled), decode, n_best)
+                yield from ((index, c, None) for index, c in zip(waiting, captions))
+                waiting.clear()
+                pooled.clear()
+
+        for indices, images, errors in iter_image_batches([str(p) for p in paths], self.encoder.transform, chunk,
+                                                          num_workers):
             for index, reason in errors:
                 yield index, None, reason
             if images is not None:
-                pooled, _ = self.encoder(images.to(self.device))
-                for index, captions in zip(indices, decode_features(self.decoder, self.vocab, pooled, decode, n_best)):
-                    yield index, captions, None
+                pooled.append(self.encode(images))
+                waiting += indices
+            if len(waiting) >= batch_size:
+                yield from flush()
+        yield from flush()

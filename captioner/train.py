@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
-from .decoder import CaptionDecoder
+from .decoder import build_decoder
 from .distributed import SINGLE, Ranks, shard, unshard, unshard_features
 from . import distributed
 from .encoder import Encoder, encoder_from_config
@@ -52,7 +52,8 @@ def prepare_features(config: Config, dataset: CaptionDataset, device, progress: 
     encoder = encoder or encoder_from_config(config.encoder)
     paths = shard(sorted({str(r.path) for records in dataset.splits.values() for r in records}), ranks)
     table = cached_features(encoder, paths, config.train.cache_dir, config.encoder.batch_size,
-                            config.encoder.num_workers, device, progress and ranks.is_main)
+                            config.encoder.num_workers, device, progress and ranks.is_main,
+                            grid=config.decoder.attention)
     table = unshard_features(table, ranks) if ranks.distributed else table
     for path, reason in table.failed.items():
         if ranks.is_main:
@@ -194,7 +195,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         f"vocabulary {len(vocab)} words, device {device}"
         + (f", {ranks.world_size} processes" if ranks.distributed else ""))
 
-    decoder = CaptionDecoder(len(vocab), encoder_info["feature_dim"], config.decoder).to(device)
+    decoder = build_decoder(len(vocab), encoder_info["feature_dim"], config.decoder).to(device)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     steps_per_epoch = math.ceil(len(tokens) / config.train.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch * config.train.epochs))

@@ -111,3 +111,17 @@ def test_exported_fp16_checkpoint_is_smaller_and_captions_alike(trained, tiny_fl
     full = [c.text for c in Captioner.from_checkpoint(run / "best.pt").caption(paths, beam_size=3)]
     half = [c.text for c in Captioner.from_checkpoint(shipped).caption(paths, beam_size=3)]
     assert sum(a == b for a, b in zip(full, half)) >= len(paths) - 1
+
+
+def test_export_can_store_decoding_defaults_chosen_on_dev_and_nothing_else(trained, tmp_path, capsys):
+    _, run = trained
+    shipped = tmp_path / "tuned.pt"
+    assert main(["export", str(run / "best.pt"), str(shipped), "--set", "decode.beam_size=5",
+                 "--set", "decode.length_penalty=0.5"]) == 0
+    captioner = Captioner.from_checkpoint(shipped)
+    assert (captioner.config.decode.beam_size, captioner.config.decode.length_penalty) == (5, 0.5)
+    assert torch.load(shipped, weights_only=True)["provenance"]["decode_overrides"] == [
+        "decode.beam_size=5", "decode.length_penalty=0.5"]
+    assert main(["export", str(run / "best.pt"), str(tmp_path / "bad.pt"), "--set", "decoder.hidden_dim=8"]) == 1
+    assert "only decode.* settings" in capsys.readouterr().err
+    assert not (tmp_path / "bad.pt").exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from captioner.config import DecoderConfig
-from captioner.decoder import CaptionDecoder
+from captioner.decoder import CaptionDecoder, build_decoder
 from captioner.search import BOS_ID, EOS_ID, NEVER_EMITTED, beam_search, greedy_search
 
 A, B, C = 4, 5, 6  # word ids after <pad> <bos> <eos> <unk>
@@ -30,12 +30,32 @@ class MarkovModel:
         return self.log_probs[tokens].clone(), state
 
 
-def random_decoder(vocab_size: int, seed: int, cell: str = "lstm") -> CaptionDecoder:
+def random_decoder(vocab_size: int, seed: int, cell: str = "lstm", attention: bool = False) -> CaptionDecoder:
     torch.manual_seed(seed)
-    decoder = CaptionDecoder(vocab_size, 16, DecoderConfig(cell=cell, embed_dim=8, hidden_dim=12, dropout=0.0))
+    config = DecoderConfig(cell=cell, embed_dim=8, hidden_dim=12, dropout=0.0, attention=attention, attention_dim=6)
+    decoder = build_decoder(vocab_size, 16, config)
     with torch.no_grad():
         decoder.out.weight.mul_(8)  # peaky distributions, so search choices matter
     return decoder.eval()
+
+
+def random_features(decoder, images: int) -> torch.Tensor:
+    """Pooled [N, 16] features, or a 5-cell grid [N, 5, 16] for the attention decoder."""
+    return torch.randn(images, 5, 16) if decoder.uses_grid else torch.randn(images, 16)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+@pytest.mark.parametrize("attention", [False, True])
+def test_teacher_forcing_matches_step_by_step_decoding(cell, attention):
+    model = random_decoder(20, 1, cell, attention)
+    features, tokens = random_features(model, 3), torch.randint(4, 20, (3, 6))
+    tokens[:, 0] = BOS_ID
+    with torch.no_grad():
+        forced = torch.log_softmax(model(features, tokens), dim=-1)
+        state = model.init_state(features)
+        for t in range(tokens.size(1)):
+            log_probs, state = model.step(tokens[:, t], state)
+            torch.testing.assert_close(log_probs, forced[:, t], rtol=1e-4, atol=1e-5)
 
 
 def sequence_log_prob(model, features, words: list[int], finished: bool) -> float:
@@ -78,19 +98,21 @@ def test_wide_beam_equals_exhaustive_search(seed, length_penalty):
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 @pytest.mark.parametrize("ngram", [0, 2, 3])
-def test_beam_size_one_is_exactly_greedy(cell, ngram):
+@pytest.mark.parametrize("attention", [False, True])
+def test_beam_size_one_is_exactly_greedy(cell, ngram, attention):
     for seed in range(5):
-        model = random_decoder(40, seed, cell)
-        features = torch.randn(8, 16)
+        model = random_decoder(40, seed, cell, attention)
+        features = random_features(model, 8)
         greedy = greedy_search(model, features, max_length=12, no_repeat_ngram_size=ngram)
         beam = beam_search(model, features, beam_size=1, max_length=12, no_repeat_ngram_size=ngram)
         assert [g.tokens for g in greedy] == [b[0].tokens for b in beam]
         assert [g.finished for g in greedy] == [b[0].finished for b in beam]
 
 
-def test_batched_beam_equals_one_image_at_a_time():
-    model = random_decoder(30, 7)
-    features = torch.randn(6, 16)
+@pytest.mark.parametrize("attention", [False, True])
+def test_batched_beam_equals_one_image_at_a_time(attention):
+    model = random_decoder(30, 7, attention=attention)
+    features = random_features(model, 6)
     batched = beam_search(model, features, beam_size=4, max_length=10, no_repeat_ngram_size=2, n_best=3)
     for i in range(6):
         single = beam_search(model, features[i:i + 1], beam_size=4, max_length=10, no_repeat_ngram_size=2, n_best=3)[0]
