@@ -17,7 +17,8 @@ Variants take turns on short rounds (A, B, C on images 1-128, A, B, C on 129-256
 so that load from other work on a shared machine spreads over all of them; each rate is the median over
 rounds. Captions of `captioner caption` at beam 3 are checked against
 the naive loop's. --compare-with DIR also times the captioner package found in DIR (e.g. an older version:
-`git archive HEAD captioner | tar -x -C /tmp/before`) in the same rounds and checks its captions too.
+`git archive 0bbe6d6 captioner | tar -x -C /tmp/before`) in the same rounds, with the same decoding options,
+and checks its captions too; --compare-checkpoint gives it the same model in a format it can read.
 Writes speed.md and speed.json to --out.
 """
 from __future__ import annotations
