@@ -29,8 +29,7 @@ from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .decoder import build_decoder
-from .distributed import SINGLE, Ranks, shard, unshard, unshard_features
-from . import distributed
+from .distributed import SINGLE, Ranks, all_gather, setup, shard, teardown, unshard, unshard_features
 from .encoder import Encoder, encoder_from_config
 from .features import FeatureTable, cached_features
 from .inference import decode_features
@@ -55,9 +54,8 @@ def prepare_features(config: Config, dataset: CaptionDataset, device, progress: 
                             config.encoder.num_workers, device, progress and ranks.is_main,
                             grid=config.decoder.attention)
     table = unshard_features(table, ranks) if ranks.distributed else table
-    for path, reason in table.failed.items():
-        if ranks.is_main:
-            print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
+    for reason in table.failed.values() if ranks.is_main else ():
+        print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
     info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
             "feature_dim": encoder.feature_dim}
     return table, info
@@ -143,11 +141,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
-    ranks, device = distributed.setup(config.train.device)
+    ranks, device = setup(config.train.device)
     try:
         return _train(config, resume, progress, ranks, device)
     finally:
-        distributed.teardown()
+        teardown()
 
 
 def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: torch.device) -> Path:
@@ -254,7 +252,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         train_seconds = time.perf_counter() - started
-        train_loss = sum(distributed.all_gather(float(loss_sum), ranks)) / max(token_count, 1)
+        train_loss = sum(all_gather(float(loss_sum), ranks)) / max(token_count, 1)
 
         dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device, ranks=ranks)
         record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
@@ -266,7 +264,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         log(f"epoch {epoch}: loss {record['train_loss']:.3f}, dev BLEU-4 {dev['bleu4']:.4f} "
             f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s")
 
-        rng_per_rank = distributed.all_gather(torch.get_rng_state(), ranks)
+        rng_per_rank = all_gather(torch.get_rng_state(), ranks)
         if main:
             provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
                           "train_images": len(train_records), "epoch": epoch, "dev": record,

@@ -27,7 +27,7 @@ def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_si
     n_best = max(1, min(int(n_best), beam))
     paths = [str(getattr(file, "name", file)) for file in files]
     results = {index: (captions, error) for index, captions, error in captioner.caption_files(
-        paths, batch_size=captioner.config.encoder.batch_size, num_workers=0, n_best=n_best, beam_size=beam, max_length=int(max_length),
+        paths, num_workers=0, n_best=n_best, beam_size=beam, max_length=int(max_length),
         length_penalty=float(length_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))}
     gallery, table = [], []
     for index, path in enumerate(paths):
