@@ -41,7 +41,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--checkpoint")
     parser.add_argument("--beam-size", type=int, default=3)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batch-size", type=int, default=128, help="images per batch (the CLI default)")
     args = parser.parse_args()
 
     folder = args.folder or default_folder()

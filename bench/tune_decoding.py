@@ -77,7 +77,7 @@ def main() -> None:
     header = "| beam | length penalty | no-repeat n-gram | BLEU-1 | BLEU-4 | CIDEr-D | ROUGE-L |\n|---|---|---|---|---|---|---|\n"
     rows = "".join(f"| {r['beam_size']} | {r['length_penalty']} | {r['no_repeat_ngram_size']} | "
                    + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |\n"
-                   for r in sorted(grid, key=lambda r: -r["bleu4"]))
+                   for r in sorted(grid, key=lambda r: (-r["bleu4"], -r["cider_d"])))
     test_rows = "".join(f"| {name} | {r['beam_size']} | {r['length_penalty']} | {r['no_repeat_ngram_size']} | "
                         + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |\n" for name, r in test.items())
     (out / f"{args.name}.md").write_text(

@@ -72,6 +72,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads (0: torch's default)
+    objective: str = "xe"  # xe: cross-entropy on the references | scst: self-critical, CIDEr-D reward (captioner/scst.py)
+    init_from: str = ""  # a checkpoint whose decoder weights and vocabulary the run starts from (scst needs one)
+    samples_per_image: int = 5  # scst: captions sampled per image; each is judged against the other samples' mean
 
 
 @dataclass
@@ -119,6 +122,10 @@ class Config:
             (self.train.lr_schedule in ("cosine", "constant"), "train.lr_schedule must be cosine or constant"),
             (self.train.patience >= 0, "train.patience must be >= 0"),
             (self.train.dev_beam_size >= 1, "train.dev_beam_size must be >= 1"),
+            (self.train.objective in ("xe", "scst"), "train.objective must be xe or scst"),
+            (self.train.objective != "scst" or bool(self.train.init_from),
+             "train.objective scst fine-tunes a trained model: set train.init_from to its checkpoint"),
+            (self.train.samples_per_image >= 2, "train.samples_per_image must be >= 2 (the baseline is the other samples)"),
         ]
         for ok, message in checks:
             if not ok:

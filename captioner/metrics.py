@@ -36,40 +36,53 @@ def _ngrams(tokens: list[str], n_max: int = 4) -> Counter:
     return Counter(tuple(tokens[i:i + n]) for n in range(1, n_max + 1) for i in range(len(tokens) - n + 1))
 
 
-def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]], sigma: float = 6.0) -> float:
-    """CIDEr-D as coco-caption's CiderD computes it (idf from this corpus's references, x10), Java-free."""
-    document_frequency: Counter = Counter()
-    reference_counts = [[_ngrams(r) for r in refs] for refs in references]
-    for counts in reference_counts:
-        document_frequency.update(set(g for c in counts for g in c))
-    log_images = math.log(float(len(references)))
+class CiderD:
+    """CIDEr-D of single captions against fixed reference sets, as coco-caption's CiderD computes it
+    (idf from these references, x10). Built once, it scores one caption in microseconds: the
+    self-critical reward uses it over the training references, `cider_d` over a test split's."""
 
-    def vector(counts: Counter):
+    def __init__(self, references: list[list[list[str]]], sigma: float = 6.0):
+        if not references:
+            raise ValueError("no references to score against")
+        self.sigma = sigma
+        counts = [[_ngrams(r) for r in refs] for refs in references]
+        self.document_frequency: Counter = Counter()
+        for image_counts in counts:
+            self.document_frequency.update(set(g for c in image_counts for g in c))
+        self.log_images = math.log(float(len(references)))
+        self.references = [[self._vector(c) for c in image_counts] for image_counts in counts]
+
+    def _vector(self, counts: Counter):
         vec: list[dict] = [{} for _ in range(4)]
         norm = [0.0] * 4
         length = 0
         for gram, frequency in counts.items():
             n = len(gram) - 1
-            vec[n][gram] = frequency * (log_images - math.log(max(1.0, document_frequency[gram])))
+            vec[n][gram] = frequency * (self.log_images - math.log(max(1.0, self.document_frequency[gram])))
             norm[n] += vec[n][gram] ** 2
             if n == 1:  # coco-caption measures length in bigrams; kept for comparable numbers
                 length += frequency
         return vec, [math.sqrt(x) for x in norm], length
 
-    total = 0.0
-    for hypothesis, refs in zip(hypotheses, reference_counts):
-        vec_h, norm_h, length_h = vector(_ngrams(hypothesis))
+    def score(self, image: int, hypothesis: list[str]) -> float:
+        """CIDEr-D of one tokenised caption against the references of image number `image`."""
+        vec_h, norm_h, length_h = self._vector(_ngrams(hypothesis))
+        refs = self.references[image]
         score = [0.0] * 4
-        for ref in refs:
-            vec_r, norm_r, length_r = vector(ref)
-            penalty = math.exp(-((length_h - length_r) ** 2) / (2 * sigma ** 2))
+        for vec_r, norm_r, length_r in refs:
+            penalty = math.exp(-((length_h - length_r) ** 2) / (2 * self.sigma ** 2))
             for n in range(4):
                 value = sum(min(v, vec_r[n].get(g, 0.0)) * vec_r[n].get(g, 0.0) for g, v in vec_h[n].items())
                 if norm_h[n] and norm_r[n]:
                     value /= norm_h[n] * norm_r[n]
                 score[n] += value * penalty
-        total += sum(score) / 4 / len(refs) * 10.0
-    return total / len(hypotheses)
+        return sum(score) / 4 / len(refs) * 10.0
+
+
+def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]], sigma: float = 6.0) -> float:
+    """Corpus CIDEr-D: the mean of each caption's CIDEr-D, idf from this corpus's references."""
+    scorer = CiderD(references, sigma)
+    return sum(scorer.score(i, h) for i, h in enumerate(hypotheses)) / len(hypotheses)
 
 
 def _lcs(a: list[str], b: list[str]) -> int:

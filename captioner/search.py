@@ -74,6 +74,27 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 20, min_lengt
     return hypotheses
 
 
+@torch.no_grad()
+def sample_captions(model, features: torch.Tensor, max_length: int = 20, min_length: int = 1) -> torch.Tensor:
+    """One caption per row of features, drawn word by word from the model's distribution (for
+    self-critical training): ids [N, T <= max_length], <eos> and then <pad> once a caption ends."""
+    state = model.init_state(features)
+    word = torch.full((features.size(0),), BOS_ID, dtype=torch.long, device=features.device)
+    done = torch.zeros(features.size(0), dtype=torch.bool, device=features.device)
+    words = []
+    for step in range(max_length):
+        log_probs, state = model.step(word, state)
+        log_probs[:, NEVER_EMITTED] = -math.inf
+        if step < min_length:
+            log_probs[:, EOS_ID] = -math.inf
+        word = torch.multinomial(log_probs.exp(), 1).squeeze(1).masked_fill(done, PAD_ID)
+        words.append(word)
+        done |= word == EOS_ID
+        if done.all():
+            break
+    return torch.stack(words, dim=1)
+
+
 @torch.inference_mode()
 def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: int = 20, min_length: int = 1,
                 no_repeat_ngram_size: int = 0, length_penalty: float = 0.0,

@@ -1,5 +1,8 @@
 """Training, top to bottom: data -> cached features -> vocabulary -> decoder -> epochs with dev BLEU.
 
+train.objective picks the loss: cross-entropy on the reference captions (xe), or self-critical
+fine-tuning of a trained model (scst, captioner/scst.py) starting from train.init_from.
+
 The run folder gets config.yaml, metrics.jsonl, curves.png, last.pt (everything --resume
 needs) and best.pt (best dev BLEU-4). Checkpoints are written atomically.
 
@@ -16,7 +19,7 @@ import os
 import random
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from .encoder import Encoder, encoder_from_config
 from .features import FeatureTable, cached_features
 from .inference import decode_features
 from .metrics import caption_scores
+from .scst import SelfCriticalLoss
 from .text import Vocabulary, tokenize
 
 
@@ -99,6 +103,24 @@ def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, record
     return caption_scores(references, [c.split() for c in captions]), captions
 
 
+def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dict]:
+    """Vocabulary and decoder weights of train.init_from, checked to fit this run's encoder and decoder."""
+    path = config.train.init_from
+    source = read_checkpoint(path)
+    saved = Config.from_dict(source["config"], source=f"{path} (config)")
+    if replace(saved.decoder, dropout=0.0) != replace(config.decoder, dropout=0.0):
+        raise CheckpointError(f"train.init_from {path}: its decoder {asdict(saved.decoder)} does not fit this "
+                              f"config's decoder {asdict(config.decoder)} (only dropout may differ)")
+    if (source["encoder"].get("fingerprint"), saved.encoder.image_size) != (encoder_info["fingerprint"],
+                                                                              config.encoder.image_size):
+        raise CheckpointError(f"train.init_from {path}: it was trained on features of {source['encoder'].get('name')} "
+                              f"at {saved.encoder.image_size} px (weights {source['encoder'].get('fingerprint')}), "
+                              f"this config's encoder is {encoder_info['name']} at {config.encoder.image_size} px "
+                              f"(weights {encoder_info['fingerprint']})")
+    weights = {k: v.float() if v.is_floating_point() else v for k, v in source["decoder"].items()}
+    return Vocabulary(source["vocab"]), weights
+
+
 def lr_lambda(config: Config, total_steps: int):
     warmup = config.train.warmup_steps
 
@@ -121,8 +143,12 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
     epochs = [h["epoch"] for h in history]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-    left.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
+    if "train_reward" in history[-1]:  # self-critical: the loss is a policy gradient; the reward says more
+        left.plot(epochs, [h["train_reward"] for h in history], marker="o")
+        left.set(title="reward of sampled captions", xlabel="epoch", ylabel="CIDEr-D")
+    else:
+        left.plot(epochs, [h["train_loss"] for h in history], marker="o")
+        left.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
     right.plot(epochs, [h["dev_bleu4"] for h in history], marker="o", color="tab:green")
     right.set(title="dev BLEU-4", xlabel="epoch", ylabel="BLEU-4 (nltk corpus_bleu)")
     for axis in (left, right):
@@ -182,8 +208,12 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         log(f"note: {note}")
     table, encoder_info = prepare_features(config, dataset, device, progress, ranks=ranks)
     train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
+    initial = None
     if state is not None:
         vocab = Vocabulary(state["vocab"])
+    elif config.train.init_from:
+        vocab, initial = initial_weights(config, encoder_info)
+        log(f"starting from {config.train.init_from}")
     else:
         vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
     train_features = table.lookup([r.path for r in train_records])
@@ -194,8 +224,17 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         + (f", {ranks.world_size} processes" if ranks.distributed else ""))
 
     decoder = build_decoder(len(vocab), encoder_info["feature_dim"], config.decoder).to(device)
+    if initial is not None:
+        decoder.load_state_dict(initial)
+    self_critical = None
+    if config.train.objective == "scst":
+        self_critical = SelfCriticalLoss([[tokenize(c) for c in r.captions] for r in train_records], vocab,
+                                         config.train.samples_per_image, config.decode.max_length,
+                                         config.decode.min_length)
+    # A batch is train.batch_size captions (xe) or images, each sampled samples_per_image times (scst).
+    batch_units = len(train_records) if self_critical else len(tokens)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
-    steps_per_epoch = math.ceil(len(tokens) / config.train.batch_size)
+    steps_per_epoch = math.ceil(batch_units / config.train.batch_size)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch * config.train.epochs))
     # Summed here and divided by the global batch's token count below, so that the gradient
     # DDP averages over ranks equals the single-process gradient of the same global batch.
@@ -223,22 +262,31 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
             break
         started = time.perf_counter()
         model.train()
-        order = torch.randperm(len(tokens), generator=torch.Generator().manual_seed(config.train.seed * 1000 + epoch))
-        loss_sum, token_count = torch.zeros((), dtype=torch.float64), 0
+        if self_critical:  # it samples and scores with the same network: no dropout
+            for module in decoder.modules():
+                if isinstance(module, nn.Dropout):
+                    module.eval()
+        order = torch.randperm(batch_units, generator=torch.Generator().manual_seed(config.train.seed * 1000 + epoch))
+        loss_sum, token_count, reward_sum = torch.zeros((), dtype=torch.float64), 0, 0.0
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.train.epochs}", disable=not (progress and main),
                    file=sys.stderr)
         for step in bar:
             global_batch = order[step * config.train.batch_size:(step + 1) * config.train.batch_size]
-            global_tokens = int((tokens[global_batch, 1:] != vocab.pad).sum())
             batch, weight = shard(global_batch, ranks), 1.0
             if len(batch) == 0:  # a last global batch smaller than the world: still join the all-reduce
                 batch, weight = global_batch[:1], 0.0
-            captions = tokens[batch]
-            captions = captions[:, : int((captions != vocab.pad).sum(1).max())].to(device)
-            features = train_features[image_rows[batch]].to(device)
-            logits = model(features, captions[:, :-1])
-            summed = weight * loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
-            loss = summed * ranks.world_size / global_tokens
+            if self_critical is None:
+                global_count = int((tokens[global_batch, 1:] != vocab.pad).sum())  # tokens (xe) or sampled captions (scst)
+                captions = tokens[batch]
+                captions = captions[:, : int((captions != vocab.pad).sum(1).max())].to(device)
+                features = train_features[image_rows[batch]].to(device)
+                logits = model(features, captions[:, :-1])
+                summed = weight * loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
+            else:  # the loss is per sampled caption (its words' log-probabilities summed)
+                global_count = len(global_batch) * config.train.samples_per_image
+                summed, reward = self_critical(model, decoder, train_features[batch].to(device), batch)
+                summed, reward_sum = weight * summed, reward_sum + weight * reward * len(batch)
+            loss = summed * ranks.world_size / global_count
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if config.train.grad_clip:
@@ -246,22 +294,24 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
             optimizer.step()
             scheduler.step()
             loss_sum += summed.detach().double().cpu()
-            token_count += global_tokens
+            token_count += global_count
             if step % 20 == 0 and main:
                 bar.set_postfix(loss=f"{float(loss_sum) * ranks.world_size / token_count:.3f}",
                                 lr=f"{scheduler.get_last_lr()[0]:.2e}")
         bar.close()
         train_seconds = time.perf_counter() - started
         train_loss = sum(all_gather(float(loss_sum), ranks)) / max(token_count, 1)
+        reward = {"train_reward": round(sum(all_gather(reward_sum, ranks)) / batch_units, 5)} if self_critical else {}
 
         dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device, ranks=ranks)
         record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
+                  **reward, "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
                   **{f"dev_{k}": round(v, 5) for k, v in dev.items()}}
         history.append(record)
         improved = dev["bleu4"] > best_bleu4
         best_bleu4, bad_epochs = (dev["bleu4"], 0) if improved else (best_bleu4, bad_epochs + 1)
-        log(f"epoch {epoch}: loss {record['train_loss']:.3f}, dev BLEU-4 {dev['bleu4']:.4f} "
+        log(f"epoch {epoch}: loss {record['train_loss']:.3f}"
+            + (f", sampled CIDEr-D {reward['train_reward']:.3f}" if reward else "") + f", dev BLEU-4 {dev['bleu4']:.4f} "
             f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s")
 
         rng_per_rank = all_gather(torch.get_rng_state(), ranks)
