@@ -50,6 +50,9 @@ def test_shipped_model_scores_on_real_flickr8k_test_photos():
     scores = bleu_scores([[tokenize(c) for c in r.captions] for r in records], [c.text.split() for c in captions])
     assert scores["bleu1"] > 0.5 and scores["bleu4"] > 0.12, scores
     assert len({c.text for c in captions}) > 50  # varied captions, not one sentence for all
+    # Self-critical training can teach a model to stop mid-phrase ("a dog is running on the"); this one must not.
+    cut_short = [c.text for c in captions if c.text.split()[-1] in {"a", "an", "the", "in", "on", "of", "with", "at"}]
+    assert len(cut_short) <= 0.05 * len(captions), cut_short
 
 
 def test_python_app_py_serves_the_shipped_model(tmp_path):
