@@ -47,7 +47,7 @@ class SelfCriticalLoss:
         advantage = (rewards - baseline).view(-1, 1).to(features.device)
         inputs = torch.cat([torch.full_like(sampled[:, :1], BOS_ID), sampled[:, :-1]], dim=1)
         logits = model(features, inputs).float()
-        # The words sampling never draws (<pad> <bos> <unk>, an early <eos>) are left out here too: otherwise
+        # The words sample_captions never draws (<pad> <bos> <unk>, an early <eos>) are left out here too: otherwise
         # pushing down a poor caption's words would pile probability onto them unchecked, and training collapses.
         logits[:, :, NEVER_EMITTED] = -math.inf
         logits[:, : self.min_length, EOS_ID] = -math.inf

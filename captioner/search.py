@@ -30,7 +30,7 @@ def _normalised(log_prob: float, length: int, length_penalty: float) -> float:
     return log_prob / (max(length, 1) ** length_penalty) if length_penalty else log_prob
 
 
-def _mask(log_probs: torch.Tensor, generated: torch.Tensor, step: int, min_length: int,
+def _mask(log_probs: torch.Tensor, generated: torch.Tensor | None, step: int, min_length: int,
           no_repeat_ngram_size: int) -> torch.Tensor:
     """Forbid special tokens, an early <eos>, and any token that would repeat an n-gram of `generated`."""
     log_probs[:, NEVER_EMITTED] = -math.inf
@@ -84,9 +84,7 @@ def sample_captions(model, features: torch.Tensor, max_length: int = 20, min_len
     words = []
     for step in range(max_length):
         log_probs, state = model.step(word, state)
-        log_probs[:, NEVER_EMITTED] = -math.inf
-        if step < min_length:
-            log_probs[:, EOS_ID] = -math.inf
+        log_probs = _mask(log_probs, None, step, min_length, no_repeat_ngram_size=0)
         word = torch.multinomial(log_probs.exp(), 1).squeeze(1).masked_fill(done, PAD_ID)
         words.append(word)
         done |= word == EOS_ID

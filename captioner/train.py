@@ -28,7 +28,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, read_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .decoder import build_decoder
@@ -106,8 +106,7 @@ def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, record
 def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dict]:
     """Vocabulary and decoder weights of train.init_from, checked to fit this run's encoder and decoder."""
     path = config.train.init_from
-    source = read_checkpoint(path)
-    saved = Config.from_dict(source["config"], source=f"{path} (config)")
+    saved, vocab, source_decoder, source = load_checkpoint(path)
     if replace(saved.decoder, dropout=0.0) != replace(config.decoder, dropout=0.0):
         raise CheckpointError(f"train.init_from {path}: its decoder {asdict(saved.decoder)} does not fit this "
                               f"config's decoder {asdict(config.decoder)} (only dropout may differ)")
@@ -117,8 +116,7 @@ def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dic
                               f"at {saved.encoder.image_size} px (weights {source['encoder'].get('fingerprint')}), "
                               f"this config's encoder is {encoder_info['name']} at {config.encoder.image_size} px "
                               f"(weights {encoder_info['fingerprint']})")
-    weights = {k: v.float() if v.is_floating_point() else v for k, v in source["decoder"].items()}
-    return Vocabulary(source["vocab"]), weights
+    return vocab, source_decoder.state_dict()
 
 
 def lr_lambda(config: Config, total_steps: int):
@@ -276,7 +274,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
             if len(batch) == 0:  # a last global batch smaller than the world: still join the all-reduce
                 batch, weight = global_batch[:1], 0.0
             if self_critical is None:
-                global_count = int((tokens[global_batch, 1:] != vocab.pad).sum())  # tokens (xe) or sampled captions (scst)
+                global_count = int((tokens[global_batch, 1:] != vocab.pad).sum())  # the loss is per token
                 captions = tokens[batch]
                 captions = captions[:, : int((captions != vocab.pad).sum(1).max())].to(device)
                 features = train_features[image_rows[batch]].to(device)
