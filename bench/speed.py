@@ -18,12 +18,14 @@ so that load from other work on a shared machine spreads over all of them; each 
 rounds. Captions of `captioner caption` at beam 3 are checked against
 the naive loop's. --compare-with DIR also times the captioner package found in DIR (e.g. an older version:
 `git archive 0bbe6d6 captioner | tar -x -C /tmp/before`) in the same rounds, with the same decoding options,
-and checks its captions too; --compare-checkpoint gives it the same model in a format it can read.
+and checks its captions too; it loads the same checkpoint, less the config keys it does not know (or
+--compare-checkpoint).
 Writes speed.md and speed.json to --out.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -53,6 +55,19 @@ def load_package(folder: str, alias: str):
     sys.modules[alias] = module
     spec.loader.exec_module(module)
     return module
+
+
+def readable_by(package, checkpoint: Path, path: Path) -> str:
+    """A copy of `checkpoint` without the config keys an older `package` does not know (options added
+    since, at their defaults), so that it loads the same weights."""
+    payload = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    defaults = importlib.import_module(f"{package.__name__}.config").Config()
+    for section, values in payload["config"].items():
+        known = {f.name for f in dataclasses.fields(getattr(defaults, section))}
+        for key in [k for k in values if k not in known]:
+            del values[key]
+    torch.save(payload, path)
+    return str(path)
 
 
 class Package:
@@ -129,8 +144,8 @@ def main() -> None:
     parser.add_argument("--latency-calls", type=int, default=50)
     parser.add_argument("--checkpoint", help="default: the shipped model")
     parser.add_argument("--compare-with", metavar="DIR", help="also time the captioner package in DIR/captioner")
-    parser.add_argument("--compare-checkpoint", help="the same model in a format that package reads "
-                                                     "(default: --checkpoint); decoding options stay the same")
+    parser.add_argument("--compare-checkpoint", help="the model that package loads (default: --checkpoint, "
+                                                     "less config keys it does not know); decoding options stay the same")
     parser.add_argument("--out", default="bench/results")
     args = parser.parse_args()
 
@@ -149,7 +164,8 @@ def main() -> None:
     info["decoding"] = packages[0].decoding
     if args.compare_with:
         compared = load_package(args.compare_with, "captioner_compared")
-        packages.append(Package(compared, args.compare_checkpoint or str(checkpoint), "compared", packages[0].decoding))
+        compared_checkpoint = args.compare_checkpoint or readable_by(compared, checkpoint, work / "compared.pt")
+        packages.append(Package(compared, compared_checkpoint, "compared", packages[0].decoding))
     latency_paths = [paths[i % len(paths)] for i in range(args.latency_calls)]
 
     variants = {}  # name -> (package label, what, setting, function(paths) returning (images, captions or None))

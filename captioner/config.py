@@ -75,6 +75,7 @@ class TrainConfig:
     objective: str = "xe"  # xe: cross-entropy on the references | scst: self-critical, CIDEr-D reward (captioner/scst.py)
     init_from: str = ""  # a checkpoint whose decoder weights and vocabulary the run starts from (scst needs one)
     samples_per_image: int = 5  # scst: captions sampled per image; each is judged against the other samples' mean
+    reward_bleu_weight: float = 0.0  # scst: reward = CIDEr-D + this x smoothed sentence BLEU-4 (metrics.SentenceBleu)
 
 
 @dataclass
@@ -125,6 +126,7 @@ class Config:
             (self.train.objective in ("xe", "scst"), "train.objective must be xe or scst"),
             (self.train.objective != "scst" or bool(self.train.init_from),
              "train.objective scst fine-tunes a trained model: set train.init_from to its checkpoint"),
+            (self.train.reward_bleu_weight >= 0, "train.reward_bleu_weight must be >= 0"),
             (self.train.samples_per_image >= 2, "train.samples_per_image must be >= 2 (the baseline is the other samples)"),
         ]
         for ok, message in checks:

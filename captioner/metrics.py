@@ -79,6 +79,41 @@ class CiderD:
         return sum(score) / 4 / len(refs) * 10.0
 
 
+class SentenceBleu:
+    """Smoothed BLEU-4 of single captions against fixed reference sets, for the self-critical reward.
+
+    Clipped n-gram precisions and the brevity penalty to the closest reference length, as corpus
+    BLEU has them, over one caption; precisions of 2-4-grams get add-one smoothing (Lin and Och,
+    2004), since a short caption often has no 4-gram match and unsmoothed BLEU-4 would then be 0
+    whatever its other words. The reported BLEU stays nltk's unsmoothed corpus BLEU."""
+
+    def __init__(self, references: list[list[list[str]]]):
+        if not references:
+            raise ValueError("no references to score against")
+        self.clip: list[Counter] = []
+        for refs in references:
+            clip: Counter = Counter()
+            for ref in refs:
+                clip |= _ngrams(ref)  # | keeps each n-gram's largest count over the references
+            self.clip.append(clip)
+        self.lengths = [sorted({len(r) for r in refs}) for refs in references]
+
+    def score(self, image: int, hypothesis: list[str]) -> float:
+        if not hypothesis:
+            return 0.0
+        counts, clip = _ngrams(hypothesis), self.clip[image]
+        matches, totals = [0] * 4, [max(0, len(hypothesis) - n) for n in range(4)]
+        for gram, count in counts.items():
+            matches[len(gram) - 1] += min(count, clip[gram])
+        if matches[0] == 0:
+            return 0.0
+        log_precision = math.log(matches[0] / totals[0]) + sum(
+            math.log((matches[n] + 1) / (totals[n] + 1)) for n in range(1, 4))
+        closest = min(self.lengths[image], key=lambda r: (abs(r - len(hypothesis)), r))
+        brevity = min(0.0, 1.0 - closest / len(hypothesis))
+        return math.exp(log_precision / 4 + brevity)
+
+
 def cider_d(references: list[list[list[str]]], hypotheses: list[list[str]], sigma: float = 6.0) -> float:
     """Corpus CIDEr-D: the mean of each caption's CIDEr-D, idf from this corpus's references."""
     scorer = CiderD(references, sigma)

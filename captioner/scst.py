@@ -12,25 +12,33 @@ import math
 
 import torch
 
-from .metrics import CiderD
+from .metrics import CiderD, SentenceBleu
 from .search import BOS_ID, EOS_ID, NEVER_EMITTED, PAD_ID, sample_captions
 from .text import EOS, Vocabulary
 
 
 class SelfCriticalLoss:
     def __init__(self, references: list[list[list[str]]], vocab: Vocabulary, samples_per_image: int,
-                 max_length: int, min_length: int = 1):
+                 max_length: int, min_length: int = 1, bleu_weight: float = 0.0):
         # idf from the training references, as in the paper. <eos> counts as a word, in the references and
         # in finished samples: otherwise a caption cut short ("a dog runs in the") loses nothing by ending
         # there, and the model learns to stop mid-phrase (SCST's known "bad endings").
-        self.reward = CiderD([[[*r, EOS] for r in refs] for refs in references])
+        references = [[[*r, EOS] for r in refs] for refs in references]
+        self.cider = CiderD(references)
+        self.bleu = SentenceBleu(references) if bleu_weight else None
+        self.bleu_weight = bleu_weight
+        self.name = "CIDEr-D" + (f" + {bleu_weight:g} x BLEU-4" if bleu_weight else "")
         self.vocab, self.samples = vocab, samples_per_image
         self.max_length, self.min_length = max_length, max(1, min_length)
 
     def score(self, image: int, ids: list[int]) -> float:
         """The reward of one sampled caption (ids as sampled) for image number `image`."""
         words = self.vocab.decode(ids)
-        return self.reward.score(image, [*words, EOS] if EOS_ID in ids else words)
+        words = [*words, EOS] if EOS_ID in ids else words
+        reward = self.cider.score(image, words)
+        if self.bleu is not None:
+            reward += self.bleu_weight * self.bleu.score(image, words)
+        return reward
 
     def __call__(self, model, decoder, features: torch.Tensor, images: torch.Tensor) -> tuple[torch.Tensor, float]:
         """Summed policy-gradient loss over the images' K samples each, and their mean reward.

@@ -133,7 +133,7 @@ def lr_lambda(config: Config, total_steps: int):
     return factor
 
 
-def plot_curves(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, reward_name: str = "") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -143,7 +143,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     if "train_reward" in history[-1]:  # self-critical: the loss is a policy gradient; the reward says more
         left.plot(epochs, [h["train_reward"] for h in history], marker="o")
-        left.set(title="reward of sampled captions", xlabel="epoch", ylabel="CIDEr-D")
+        left.set(title="reward of sampled captions", xlabel="epoch", ylabel=reward_name)
     else:
         left.plot(epochs, [h["train_loss"] for h in history], marker="o")
         left.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
@@ -228,7 +228,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
     if config.train.objective == "scst":
         self_critical = SelfCriticalLoss([[tokenize(c) for c in r.captions] for r in train_records], vocab,
                                          config.train.samples_per_image, config.decode.max_length,
-                                         config.decode.min_length)
+                                         config.decode.min_length, config.train.reward_bleu_weight)
     # A batch is train.batch_size captions (xe) or images, each sampled samples_per_image times (scst).
     batch_units = len(train_records) if self_critical else len(tokens)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
@@ -309,7 +309,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         improved = dev["bleu4"] > best_bleu4
         best_bleu4, bad_epochs = (dev["bleu4"], 0) if improved else (best_bleu4, bad_epochs + 1)
         log(f"epoch {epoch}: loss {record['train_loss']:.3f}"
-            + (f", sampled CIDEr-D {reward['train_reward']:.3f}" if reward else "") + f", dev BLEU-4 {dev['bleu4']:.4f} "
+            + (f", sampled {self_critical.name} {reward['train_reward']:.3f}" if reward else "") + f", dev BLEU-4 {dev['bleu4']:.4f} "
             f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s")
 
         rng_per_rank = all_gather(torch.get_rng_state(), ranks)
@@ -326,6 +326,6 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
                 save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance)
             save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training)
             write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            plot_curves(history, out_dir / "curves.png")
+            plot_curves(history, out_dir / "curves.png", self_critical.name if self_critical else "")
     log(f"best dev BLEU-4 {best_bleu4:.4f}: {best_path}")
     return best_path

@@ -44,6 +44,7 @@ def test_wrong_type_names_the_key(tmp_path):
     ("decoder.dropout=1.5", "dropout"),
     ("decode.beam_size=0", "beam_size"),
     ("train.epochs=true", "must be int"),
+    ("train.reward_bleu_weight=-1", "reward_bleu_weight must be >= 0"),
     ("nonsense", "expected section.key=value"),
     ("model.size=3", "unknown key 'model'"),
 ])

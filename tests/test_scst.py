@@ -13,7 +13,7 @@ from captioner.decoder import CaptionDecoder
 from captioner.metrics import CiderD, cider_d
 from captioner.scst import SelfCriticalLoss
 from captioner.search import BOS_ID, EOS_ID, PAD_ID, UNK_ID, greedy_search, sample_captions
-from captioner.text import SPECIALS, Vocabulary
+from captioner.text import EOS, SPECIALS, Vocabulary
 from conftest import tiny_config
 
 
@@ -67,6 +67,17 @@ def test_the_reward_counts_the_end_of_a_caption():
     assert loss.score(0, finished) > loss.score(0, cut) > 0
     in_the = vocab.encode(["a", "dog", "runs", "in", "the"]) + [EOS_ID]
     assert loss.score(0, vocab.encode(["a", "dog", "runs", "in", "the", "grass"]) + [EOS_ID]) > loss.score(0, in_the)
+
+
+def test_a_bleu_weight_adds_sentence_bleu_to_the_reward():
+    vocab = Vocabulary([*SPECIALS, "a", "dog", "runs", "in", "the", "grass"])
+    references = [[["a", "dog", "runs", "in", "the", "grass"], ["a", "dog", "runs"]]]
+    cider_only = SelfCriticalLoss(references, vocab, samples_per_image=2, max_length=6)
+    mixed = SelfCriticalLoss(references, vocab, samples_per_image=2, max_length=6, bleu_weight=0.5)
+    caption = vocab.encode(["a", "dog", "runs", "in", "grass"]) + [EOS_ID]
+    bleu = mixed.bleu.score(0, ["a", "dog", "runs", "in", "grass", EOS])
+    assert 0 < bleu < 1
+    assert mixed.score(0, caption) == pytest.approx(cider_only.score(0, caption) + 0.5 * bleu)
 
 
 def _config_file(path, config) -> str:

@@ -59,3 +59,20 @@ def test_rouge_l_matches_hand_computed_value():
     assert rouge_l([[["a", "c", "d", "e", "f"]]], [["a", "b", "c", "d"]]) == pytest.approx(expected)
     assert rouge_l([[["x"], ["a", "b"]]], [["a", "b"]]) == pytest.approx(1.0)  # best reference counts
     assert rouge_l([[["x"]]], [[]]) == 0.0
+
+
+def test_sentence_bleu_reward_matches_nltk_smoothed_bleu():
+    from nltk.translate.bleu_score import SmoothingFunction, sentence_bleu
+
+    from captioner.metrics import SentenceBleu
+
+    refs = [["a", "dog", "runs", "on", "the", "grass"], ["the", "dog", "is", "running"]]
+    bleu = SentenceBleu([refs, [["a", "cat"]]])
+    for hypothesis in (["a", "dog", "runs", "on", "grass"], ["the", "dog", "is", "running", "on", "the", "grass", "and", "the", "dog"]):
+        expected = sentence_bleu(refs, hypothesis, smoothing_function=SmoothingFunction().method2)
+        assert bleu.score(0, hypothesis) == pytest.approx(expected)
+    assert bleu.score(0, refs[0]) == pytest.approx(1.0)
+    # a short caption with no 4-gram match still scores by its other n-grams, and the brevity penalty shows
+    assert 0 < bleu.score(0, ["a", "dog"]) < bleu.score(0, ["a", "dog", "runs"]) < 1
+    assert bleu.score(0, ["a", "cat"]) < bleu.score(1, ["a", "cat"]) == pytest.approx(1.0)
+    assert bleu.score(0, []) == 0.0 and bleu.score(0, ["zebra"]) == 0.0
