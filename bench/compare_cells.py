@@ -24,7 +24,7 @@ from captioner.checkpoint import load_checkpoint
 from captioner.config import load_config
 from captioner.data import load_dataset
 from captioner.inference import decode_features
-from captioner.train import evaluate_features, prepare_features, readable, train
+from captioner.train import evaluate_features, prepare_features, readable, run_is_finished, train
 
 
 def run_cell(config_path: str, cell: str, overrides: list[str]) -> Path:
@@ -32,20 +32,9 @@ def run_cell(config_path: str, cell: str, overrides: list[str]) -> Path:
     out_dir = f"{base.train.out_dir.rsplit('-', 1)[0]}-{cell}"
     config = load_config(config_path, [*overrides, f"decoder.cell={cell}", f"train.out_dir={out_dir}"])
     run = Path(out_dir)
-    metrics = run / "metrics.jsonl"
-    finished = (run / "best.pt").is_file() and metrics.is_file() and _is_finished(run, config)
-    if not finished:
+    if not run_is_finished(run, config):
         train(config, resume=(run / "last.pt").is_file())
     return run
-
-
-def _is_finished(run: Path, config) -> bool:
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    if len(history) >= config.train.epochs:
-        return True
-    best = max(h["dev_bleu4"] for h in history)
-    since_best = len(history) - 1 - max(i for i, h in enumerate(history) if h["dev_bleu4"] == best)
-    return bool(config.train.patience) and since_best >= config.train.patience
 
 
 def score(run: Path, dataset, table) -> tuple[dict, list[dict]]:

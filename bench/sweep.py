@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from captioner.config import ConfigError, load_config
+from captioner.train import run_is_finished
 
 
 def read_sweep(path: str | Path) -> list[tuple[str, list[str]]]:
@@ -51,16 +52,6 @@ def history_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
-def is_finished(run: Path, epochs: int, patience: int) -> bool:
-    history = history_of(run)
-    if not history:
-        return False
-    if len(history) >= epochs:
-        return True
-    best = max(range(len(history)), key=lambda i: history[i]["dev_bleu4"])
-    return bool(patience) and len(history) - 1 - best >= patience
-
-
 def train_command(config: str, out_dir: Path, overrides: list[str], resume: bool) -> list[str]:
     command = [sys.executable, "-m", "captioner", "train", "--config", config, "--no-progress",
                "--set", f"train.out_dir={out_dir}"]
@@ -76,7 +67,7 @@ def run_sweep(runs: list[tuple[str, list[str]]], config: str, common: list[str],
     for name, overrides in runs:
         run_config = load_config(config, [*common, *overrides])  # a bad value stops the sweep before any training
         run = out_root / name
-        if is_finished(run, run_config.train.epochs, run_config.train.patience):
+        if run_is_finished(run, run_config):
             print(f"{name}: finished earlier, kept")
             continue
         pending.append((name, train_command(config, run, [*common, *overrides], (run / "last.pt").is_file())))

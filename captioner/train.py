@@ -119,6 +119,20 @@ def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dic
     return vocab, source_decoder.state_dict()
 
 
+def run_is_finished(out_dir: str | Path, config: Config) -> bool:
+    """Whether the run in out_dir has ended under config's epochs and patience, by the epoch loop's own
+    rule (a tie with the best dev BLEU-4 is no improvement): training it again would train nothing."""
+    out_dir = Path(out_dir)
+    metrics = out_dir / "metrics.jsonl"
+    if not (out_dir / "best.pt").is_file() or not metrics.is_file():
+        return False
+    scores = [json.loads(line)["dev_bleu4"] for line in metrics.read_text().splitlines() if line.strip()]
+    if not scores or len(scores) >= config.train.epochs:
+        return bool(scores)
+    since_best = len(scores) - 1 - scores.index(max(scores))
+    return bool(config.train.patience) and since_best >= config.train.patience
+
+
 def lr_lambda(config: Config, total_steps: int):
     warmup = config.train.warmup_steps
 

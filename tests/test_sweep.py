@@ -54,3 +54,20 @@ def test_sweep_checks_every_run_before_training_any(tiny_flickr8k, tmp_path, cap
     (tmp_path / "runs.txt").write_text("same train.epochs=1\nsame train.epochs=2\n")
     assert sweep.main(args) == 2
     assert "'same' is used twice" in capsys.readouterr().err
+
+
+def test_a_run_counts_as_finished_by_the_training_loops_own_stopping_rule(tmp_path):
+    from captioner.config import Config
+    from captioner.train import run_is_finished
+
+    def config(epochs, patience):
+        return Config.from_dict({"train": {"epochs": epochs, "patience": patience}})
+
+    (tmp_path / "best.pt").write_bytes(b"")
+    (tmp_path / "metrics.jsonl").write_text("".join(f'{{"dev_bleu4": {b}}}\n' for b in (0.1, 0.2, 0.2, 0.15)))
+    assert run_is_finished(tmp_path, config(4, 0))
+    assert not run_is_finished(tmp_path, config(6, 0))
+    assert run_is_finished(tmp_path, config(6, 2))  # a tie with the best is no improvement
+    assert not run_is_finished(tmp_path, config(6, 3))
+    (tmp_path / "best.pt").unlink()
+    assert not run_is_finished(tmp_path, config(4, 0))
