@@ -1,7 +1,9 @@
 """Caption image files and folders: one row per image, written as soon as it is produced.
 
-Rows are {"path", "caption", "score"} or {"path", "error"}; printed as tab-separated lines, or
-written to JSONL or CSV by the output file's extension. Rerunning with the same output file
+Rows are {"path", "caption", "score", "confidence", "unsure", "tags"} or {"path", "error"}; printed
+as tab-separated lines, or written to JSONL or CSV by the output file's extension. `tags` are the
+photo's visual concepts as [word, probability] pairs (concepts.py); `confidence` is how familiar the
+photo is to the model and `unsure` says it is too strange to trust the caption (confidence.py). Rerunning with the same output file
 keeps the rows already captioned and does the rest (errors are retried), so an interrupted run
 loses nothing and no image gets two rows.
 """
@@ -22,7 +24,7 @@ from .inference import Caption, Captioner
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXIT_SOME_FAILED = 3
-FIELDS = ["path", "caption", "score", "error"]
+FIELDS = ["path", "caption", "score", "confidence", "unsure", "tags", "error"]
 
 
 def looks_like_image(path: Path) -> bool:
@@ -112,9 +114,11 @@ class RowWriter:
     def _write(self, row: dict) -> None:
         if self.kind == "print":
             text = row["caption"] if row.get("caption") else f"ERROR {row['error']}"
+            if row.get("unsure"):
+                text += f"  [unsure; the photo shows: {tags_text(row.get('tags')) or 'nothing the model knows'}]"
             self.handle.write(f"{row['path']}\t{text}\n")
         elif self.kind == "csv":
-            self.csv.writerow({k: row.get(k, "") for k in FIELDS})
+            self.csv.writerow({k: tags_text(row.get(k)) if k == "tags" else row.get(k, "") for k in FIELDS})
         else:
             self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self.handle.flush()
@@ -157,8 +161,18 @@ def plan_captioning(inputs: list[str], out: str | None = None, overwrite: bool =
     return CaptionPlan([p for p in paths if printable(p) not in already], done, problems, skipped)
 
 
+def tags_text(tags) -> str:
+    """[[word, probability], ...] -> "cat 0.96; sofa 0.12" (a CSV cell); text read back from a CSV stays as it is."""
+    if not tags or isinstance(tags, str):
+        return tags or ""
+    return "; ".join(f"{word} {probability:.2f}" for word, probability in tags)
+
+
 def caption_row(path: str, caption: Caption) -> dict:
-    return {"path": printable(path), "caption": caption.text, "score": round(caption.score, 4)}
+    row = {"path": printable(path), "caption": caption.text, "score": round(caption.score, 4)}
+    if caption.confidence is not None:
+        row.update(confidence=round(caption.confidence, 3), unsure=caption.unsure)
+    return {**row, "tags": [[word, probability] for word, probability in caption.tags]}
 
 
 def error_row(path: str, error: str) -> dict:

@@ -4,6 +4,7 @@
      "config": Config.to_dict(), "vocab": [words...], "decoder": state_dict,
      "encoder": {"name", "weights", "fingerprint", "feature_dim"},
      "provenance": {"dataset", "train_split", "epoch", "dev": {...}, "created", "torch"},
+     "domain": {"centroids", "dev_similarity"},   # optional: how familiar photos are (confidence.py)
      "training": {...}   # optimizer/scheduler/RNG state; only in last.pt, for --resume}
 
 It loads with `torch.load(path, weights_only=True)`: no pickled classes, nothing executable.
@@ -30,11 +31,13 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: nn.Module,
                     encoder_info: dict, provenance: dict, training: dict | None = None,
-                    half: bool = False) -> None:
+                    half: bool = False, domain: dict | None = None) -> None:
     weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
                for k, v in decoder.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "vocab": list(vocab.words),
                "decoder": weights, "encoder": dict(encoder_info), "provenance": dict(provenance)}
+    if domain is not None:
+        payload["domain"] = dict(domain)
     if training is not None:
         payload["training"] = training
     atomic_save(payload, path)
@@ -85,11 +88,12 @@ def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, nn.Module, di
 
 
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
-                      decode_overrides: list[str] = ()) -> dict:
+                      decode_overrides: list[str] = (), domain: dict | None = None) -> dict:
     """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance.
 
     `decode_overrides` ("decode.beam_size=5", ...) change the decoding defaults stored with the model,
-    e.g. to settings chosen on dev by bench/tune_decoding.py; nothing else can change.
+    e.g. to settings chosen on dev by bench/tune_decoding.py; nothing else can change. `domain` replaces
+    the familiarity profile (confidence.py); without it the source's, if any, is kept.
     """
     config, vocab, decoder, payload = load_checkpoint(source)
     if decode_overrides:
@@ -99,8 +103,10 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
                 raise ConfigError(f"export --set {override}: only decode.* settings can change in an export")
             apply_override(values, override)
         config = Config.from_dict(values, source=f"export --set {' '.join(decode_overrides)}")
-    provenance = dict(payload.get("provenance", {}), exported_from=Path(source).name, fp16=half)
+    provenance = dict(payload.get("provenance", {}), fp16=half)
+    provenance.setdefault("exported_from", Path(source).name)  # re-exporting an export keeps the training file's name
     if decode_overrides:
         provenance["decode_overrides"] = list(decode_overrides)
-    save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half)
+    save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half,
+                    domain=domain if domain is not None else payload.get("domain"))
     return provenance

@@ -25,6 +25,19 @@ def _decode_options(args) -> dict:
             "length_penalty": args.length_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
 
 
+def _scores_text(scores: dict) -> str:
+    return (", ".join(f"BLEU-{n} {scores[f'bleu{n}']:.4f}" for n in range(1, 5))
+            + f", CIDEr-D {scores['cider_d']:.4f}, ROUGE-L {scores['rouge_l']:.4f}")
+
+
+def _hallucination_text(result: dict) -> str:
+    if result["person_dog_hallucination"] is None:
+        return "person/dog hallucination n/a (every image's references name a person or a dog)"
+    return (f"person/dog hallucination {result['person_dog_hallucination']:.4f} on the "
+            f"{result['images_without_person_dog']} images whose references name neither, there "
+            + _scores_text(result["without_person_dog"]))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -35,9 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from last.pt")
     train.add_argument("--no-progress", action="store_true")
 
-    evaluate = commands.add_parser("evaluate", help="BLEU-1..4 of a checkpoint on a split")
-    evaluate.add_argument("--checkpoint", required=True)
-    evaluate.add_argument("--split", default="test", choices=["train", "dev", "val", "test"])
+    evaluate = commands.add_parser("evaluate", help="BLEU-1..4, CIDEr-D, ROUGE-L and person/dog hallucination "
+                                                    "of a checkpoint on a split")
+    evaluate.add_argument("--checkpoint", help="default: the model shipped with captioner")
+    evaluate.add_argument("--data", metavar="DIR", help="score on a folder of captioned images: DIR/refs.jsonl "
+                          '({"image": NAME, "refs": [captions]} per line) and the images in DIR/images/ or DIR '
+                          "(sets data.format=refs, data.root=DIR, split test)")
+    evaluate.add_argument("--split", choices=["train", "dev", "val", "test"], help="default: test")
     evaluate.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                           help="override the checkpoint's config, e.g. data.root=/data/flickr8k")
     evaluate.add_argument("--out", help="write the generated captions as JSONL")
@@ -69,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fp32", action="store_true", help="keep float32 weights")
     export.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
                         help="change a stored decoding default, e.g. decode.length_penalty=0.5")
+    export.add_argument("--fit-confidence", action="store_true",
+                        help="(re)compute the familiarity profile behind each caption's confidence from the "
+                             "checkpoint's training data (its train and dev photos; encoded once, cached)")
+    export.add_argument("--data-root", help="with --fit-confidence: where that data is, if not at the checkpoint's "
+                        "data.root")
 
     download = commands.add_parser("download", help="fetch a dataset (needs internet)")
     download.add_argument("dataset", choices=["flickr8k"])
@@ -87,12 +109,16 @@ def run(args) -> int:
     if args.command == "evaluate":
         from .evaluate import evaluate
 
-        result = evaluate(args.checkpoint, args.split, args.set, _decode_options(args), args.out, args.device,
-                          progress=not args.no_progress)
-        names = ["bleu1", "bleu2", "bleu3", "bleu4"]
+        overrides = args.set
+        if args.data:
+            if args.split not in (None, "test"):
+                raise ConfigError(f"--data scores every image of {args.data} as split test; leave out --split")
+            # quoted: --set values are read as YAML, where a bare "a #b" would lose its comment-like tail
+            overrides = [*overrides, "data.format=refs", f"data.root={json.dumps(args.data)}"]
+        result = evaluate(args.checkpoint, args.split or "test", overrides,
+                          _decode_options(args), args.out, args.device, progress=not args.no_progress)
         print(f"{result['dataset']} {result['split']} ({result['images']} images), beam {result['beam_size']}: "
-              + ", ".join(f"BLEU-{n[-1]} {result[n]:.4f}" for n in names)
-              + f", CIDEr-D {result['cider_d']:.4f}, ROUGE-L {result['rouge_l']:.4f}")
+              + _scores_text(result) + "; " + _hallucination_text(result))
         print(json.dumps(result))
         return 0
     if args.command == "caption":
@@ -116,9 +142,19 @@ def run(args) -> int:
         return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers, args.overwrite,
                              progress=not args.no_progress, **_decode_options(args))
     if args.command == "export":
-        from .checkpoint import export_checkpoint
+        from .checkpoint import export_checkpoint, load_checkpoint
 
-        export_checkpoint(args.checkpoint, args.out, half=not args.fp32, decode_overrides=args.set)
+        domain = None
+        if args.fit_confidence:
+            from .train import fit_domain_profile
+
+            config = load_checkpoint(args.checkpoint)[0]
+            if args.data_root:
+                config.data.root = args.data_root
+            domain = fit_domain_profile(config, "cpu").to_dict()
+        elif args.data_root:
+            raise ConfigError("--data-root is for --fit-confidence")
+        export_checkpoint(args.checkpoint, args.out, half=not args.fp32, decode_overrides=args.set, domain=domain)
         size = Path(args.out).stat().st_size / 1e6
         print(f"wrote {args.out} ({size:.1f} MB)")
         return 0

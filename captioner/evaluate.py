@@ -1,21 +1,30 @@
-"""Score a checkpoint on a split: decode each image once (batched), BLEU-1..4 on all references."""
+"""Score a checkpoint on a split: decode each image once (batched), BLEU-1..4 on all references.
+
+Besides the scores of the whole split, the result has the person/dog hallucination rate and the
+scores of the images whose references name neither (`without_person_dog`, None when there are none).
+"""
 from __future__ import annotations
 
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import Config, apply_override
 from .data import load_dataset
 from .encoder import encoder_from_config
-from .inference import resolve_device
+from .inference import DEFAULT_CHECKPOINT, resolve_device
+from .metrics import overlap_scores, without_person_dog
+from .text import tokenize
 from .train import evaluate_features, prepare_features, readable, write_text_atomic
 
 
-def evaluate(checkpoint: str | Path, split: str = "test", overrides: list[str] | None = None,
+def evaluate(checkpoint: str | Path | None = None, split: str = "test", overrides: list[str] | None = None,
              decode_options: dict | None = None, out: str | Path | None = None, device: str = "cpu",
              progress: bool = True) -> dict:
+    """Scores of a checkpoint (default: the shipped model) on a split; `overrides` change its config."""
+    checkpoint = checkpoint or DEFAULT_CHECKPOINT
     config, vocab, decoder, payload = load_checkpoint(checkpoint)
     values = config.to_dict()
     for override in overrides or []:
@@ -31,15 +40,23 @@ def evaluate(checkpoint: str | Path, split: str = "test", overrides: list[str] |
                               f"(fingerprint {payload['encoder'].get('fingerprint')}), but the encoder here is "
                               f"{encoder.name} ({encoder.fingerprint()})")
     dataset = load_dataset(config.data)
-    table, _ = prepare_features(config, dataset, device, progress, encoder)
-    records = readable(dataset.split(split), table)
+    for note in dataset.notes:
+        print(f"note: {note}", file=sys.stderr)
+    records = dataset.split(split)
+    table, _ = prepare_features(config, replace(dataset, splits={split: records}), device, progress, encoder)
+    records = readable(records, table)
     features = table.lookup([r.path for r in records])
     scores, captions = evaluate_features(decoder.to(device), vocab, features, records, config.decode, device,
                                          progress=progress)
+    references = [[tokenize(c) for c in r.captions] for r in records]
+    subset = without_person_dog(references)
+    subset_scores = overlap_scores([references[i] for i in subset], [captions[i].split() for i in subset]) \
+        if subset else None
     result = {"checkpoint": str(checkpoint), "dataset": dataset.name, "split": split, "images": len(records),
               "beam_size": config.decode.beam_size, "max_length": config.decode.max_length,
               "length_penalty": config.decode.length_penalty,
-              "no_repeat_ngram_size": config.decode.no_repeat_ngram_size, **scores}
+              "no_repeat_ngram_size": config.decode.no_repeat_ngram_size, **scores,
+              "without_person_dog": subset_scores}
     if out:
         rows = [{"path": str(r.path), "caption": c, "references": r.captions} for r, c in zip(records, captions)]
         write_text_atomic(Path(out), "".join(json.dumps(row) + "\n" for row in rows))

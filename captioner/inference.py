@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint
+from .concepts import Tag, default_concept_words
+from .confidence import UNSURE_BELOW, DomainProfile
 from .config import Config, DecodeConfig
 from .decoder import CaptionDecoder
 from .encoder import Encoder, encoder_from_config
@@ -38,6 +40,13 @@ class Caption:
     text: str
     score: float  # log-probability / length**length_penalty
     finished: bool  # False when cut at max_length
+    tags: list[Tag] = field(default_factory=list)  # what the encoder's ImageNet head sees, as caption words
+    confidence: float | None = None  # how familiar the photo is to the model, in [0, 1] (None: not known)
+
+    @property
+    def unsure(self) -> bool:
+        """The photo is stranger than 95% of the model's held-out photos: trust the tags more than the caption."""
+        return self.confidence is not None and self.confidence < UNSURE_BELOW
 
 
 def resolve_device(device: str) -> torch.device:
@@ -62,11 +71,13 @@ def decode_features(decoder, vocab: Vocabulary, features: torch.Tensor, options:
 
 class Captioner:
     def __init__(self, config: Config, vocab: Vocabulary, decoder: CaptionDecoder, encoder: Encoder,
-                 device: str = "cpu"):
+                 device: str = "cpu", domain: DomainProfile | None = None):
         self.device = resolve_device(device)
         self.config, self.vocab = config, vocab
         self.decoder = decoder.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
+        self.concept_words = default_concept_words()
+        self.domain = domain
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu",
@@ -88,7 +99,8 @@ class Captioner:
         if info.get("fingerprint") and info["fingerprint"] != encoder.fingerprint():
             print(f"warning: {path} was trained on {info.get('name')} weights with fingerprint {info['fingerprint']}, "
                   f"but the loaded encoder's is {encoder.fingerprint()}: captions may be poor", file=sys.stderr)
-        return cls(config, vocab, decoder, encoder, device)
+        domain = DomainProfile.from_dict(payload["domain"]) if payload.get("domain") else None
+        return cls(config, vocab, decoder, encoder, device, domain)
 
     def decode_options(self, **overrides) -> DecodeConfig:
         options = replace(self.config.decode, **{k: v for k, v in overrides.items() if v is not None})
@@ -97,8 +109,16 @@ class Captioner:
         return options
 
     @torch.inference_mode()
-    def caption_features(self, features: torch.Tensor, n_best: int = 1, **options) -> list[list[Caption]]:
-        return decode_features(self.decoder, self.vocab, features.to(self.device), self.decode_options(**options), n_best)
+    def describe(self, features: torch.Tensor, decode: DecodeConfig, n_best: int = 1) -> list[list[Caption]]:
+        """Features of a batch -> the n best captions per image, each with the image's tags and confidence."""
+        results = decode_features(self.decoder, self.vocab, features, decode, n_best)
+        pooled = features.float().mean(1) if self.decoder.uses_grid else features
+        tags = self.concept_words.tags(self.encoder.classify(pooled))
+        confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(results)
+        for captions, image_tags, image_confidence in zip(results, tags, confidence):
+            for caption in captions:
+                caption.tags, caption.confidence = image_tags, image_confidence
+        return results
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of transformed images -> the features the decoder reads (pooled, or grid cells for attention)."""
@@ -131,7 +151,7 @@ class Captioner:
             pooled.append(self.encode(tensors))
         features, results = (torch.cat(pooled) if pooled else torch.zeros(0)), []
         for start in range(0, len(features), DECODE_BATCH):
-            results += decode_features(self.decoder, self.vocab, features[start:start + DECODE_BATCH], decode, n_best)
+            results += self.describe(features[start:start + DECODE_BATCH], decode, n_best)
         results = [r if n_best > 1 else r[0] for r in results]
         return results[0] if single else results
 
@@ -154,7 +174,7 @@ class Captioner:
 
         def flush():
             if waiting:
-                captions = decode_features(self.decoder, self.vocab, torch.cat(pooled), decode, n_best)
+                captions = self.describe(torch.cat(pooled), decode, n_best)
                 yield from ((index, c, None) for index, c in zip(waiting, captions))
                 waiting.clear()
                 pooled.clear()

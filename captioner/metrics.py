@@ -1,8 +1,12 @@
-"""Caption metrics, Java-free: BLEU-1..4, CIDEr-D and ROUGE-L.
+"""Caption metrics, Java-free: BLEU-1..4, CIDEr-D, ROUGE-L and a person/dog hallucination rate.
 
 BLEU is nltk's `corpus_bleu`: corpus-level n-gram precisions with the standard brevity penalty,
 no smoothing, over the same tokens training uses (`text.tokenize`: lowercase Treebank tokens,
 punctuation dropped), with all reference captions of each image. Scores are in [0, 1].
+
+The hallucination rate is a CHAIR-style measure (Rohrbach et al., 2018) for the two things a
+Flickr8k-trained model sees everywhere: of the images whose references name neither a person
+nor a dog, the share whose caption names one.
 """
 from __future__ import annotations
 
@@ -142,7 +146,52 @@ def rouge_l(references: list[list[list[str]]], hypotheses: list[list[str]], beta
     return total / len(hypotheses)
 
 
-def caption_scores(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
+# Left out as ambiguous: couple ("a couple of"), pitcher (a jug), batter (cake batter), runner
+# (table runner), passenger ("passenger train"), family ("family room"), pronouns. Left out too:
+# catcher ("dream catcher") and worker, which would mark as showing a person two images that
+# coco-ood-dev's mentions_person flags call person-free (a catcher squatting on the dirt, a lunch
+# tray that one reference says "a worker plans to eat").
+PERSON_WORDS = frozenset("""
+    person people man men woman women gentleman gentlemen lady ladies guy guys
+    boy boys girl girls child children kid kids baby babies toddler toddlers teenager teenagers adult adults
+    player players skier skiers surfer surfers skateboarder skateboarders snowboarder snowboarders
+    skater skaters rider riders biker bikers cyclist cyclists climber climbers swimmer swimmers
+    dancer dancers tourist tourists pedestrian pedestrians chef chefs umpire umpires crowd
+""".split())
+DOG_WORDS = frozenset("dog dogs doggy doggie puppy puppies pup pups".split())
+FOOD_BEFORE_DOG = frozenset(("hot", "corn"))  # "hot dog", "corn dogs": food, not animals
+
+
+def mentions_person(tokens: list[str]) -> bool:
+    return any(token in PERSON_WORDS for token in tokens)
+
+
+def mentions_dog(tokens: list[str]) -> bool:
+    return any(token in DOG_WORDS and (i == 0 or tokens[i - 1] not in FOOD_BEFORE_DOG)
+               for i, token in enumerate(tokens))
+
+
+def without_person_dog(references: list[list[list[str]]]) -> list[int]:
+    """Indices of the images none of whose references names a person or a dog."""
+    return [i for i, refs in enumerate(references)
+            if not any(mentions_person(r) or mentions_dog(r) for r in refs)]
+
+
+def hallucination(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict:
+    """Share of the images without a person or dog in their references whose caption names one
+    (None when there is no such image), and how many such images there are."""
+    images = without_person_dog(references)
+    named = sum(mentions_person(hypotheses[i]) or mentions_dog(hypotheses[i]) for i in images)
+    return {"person_dog_hallucination": named / len(images) if images else None,
+            "images_without_person_dog": len(images)}
+
+
+def overlap_scores(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict[str, float]:
     """BLEU-1..4, CIDEr-D and ROUGE-L of a corpus."""
     return {**bleu_scores(references, hypotheses), "cider_d": cider_d(references, hypotheses),
             "rouge_l": rouge_l(references, hypotheses)}
+
+
+def caption_scores(references: list[list[list[str]]], hypotheses: list[list[str]]) -> dict:
+    """BLEU-1..4, CIDEr-D, ROUGE-L and the person/dog hallucination rate of a corpus."""
+    return {**overlap_scores(references, hypotheses), **hallucination(references, hypotheses)}

@@ -77,13 +77,21 @@ class CaptionActor:
 def rows_table(rows: list[dict]):
     import pyarrow as pa
 
-    types = {"path": pa.string(), "caption": pa.string(), "score": pa.float64(), "error": pa.string()}
-    return pa.table({name: pa.array([row.get(name) for row in rows], kind) for name, kind in types.items()})
+    tag = pa.struct([("word", pa.string()), ("probability", pa.float64())])
+    types = {"path": pa.string(), "caption": pa.string(), "score": pa.float64(), "confidence": pa.float64(),
+             "unsure": pa.bool_(), "tags": pa.list_(tag), "error": pa.string()}
+    values = {name: [row.get(name) for row in rows] for name in types}
+    values["tags"] = [None if tags is None else [{"word": w, "probability": p} for w, p in tags] for tags in values["tags"]]
+    return pa.table({name: pa.array(values[name], kind) for name, kind in types.items()})
 
 
 def table_rows(table) -> list[dict]:
-    """Arrow rows -> the local engine's dicts: {"path", "caption", "score"} or {"path", "error"}."""
-    return [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+    """Arrow rows -> the local engine's dicts: {"path", "caption", "score", ...} or {"path", "error"}."""
+    rows = [{k: v for k, v in row.items() if v is not None} for row in table.to_pylist()]
+    for row in rows:
+        if "tags" in row:
+            row["tags"] = [[tag["word"], tag["probability"]] for tag in row["tags"]]
+    return rows
 
 
 def start_ray(ray, address: str | None) -> bool:

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from .confidence import DomainProfile
 from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .decoder import build_decoder
@@ -101,6 +102,22 @@ def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, record
     captions = unshard(captions, ranks)
     references = [[tokenize(c) for c in r.captions] for r in records]
     return caption_scores(references, [c.split() for c in captions]), captions
+
+
+def domain_profile(train_features: torch.Tensor, dev_features: torch.Tensor, config: Config) -> DomainProfile:
+    """How familiar photos are to a model trained on these features (pooled; for attention, the grid's mean)."""
+    if config.decoder.attention:
+        train_features, dev_features = train_features.float().mean(1), dev_features.float().mean(1)
+    return DomainProfile.fit(train_features, dev_features)
+
+
+def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainProfile:
+    """The familiarity profile of a model trained by `config`, from its data's train and dev photos."""
+    dataset = load_dataset(config.data)
+    table, _ = prepare_features(config, dataset, device, progress)
+    train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
+    return domain_profile(table.lookup([r.path for r in train_records]), table.lookup([r.path for r in dev_records]),
+                          config)
 
 
 def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dict]:
@@ -230,6 +247,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
     train_features = table.lookup([r.path for r in train_records])
     dev_features = table.lookup([r.path for r in dev_records])
+    domain = domain_profile(train_features, dev_features, config).to_dict()
     tokens, image_rows = caption_tensor(train_records, vocab, config.data.max_caption_length)
     log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
         f"vocabulary {len(vocab)} words, device {device}"
@@ -318,7 +336,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
         dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device, ranks=ranks)
         record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
                   **reward, "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
-                  **{f"dev_{k}": round(v, 5) for k, v in dev.items()}}
+                  **{f"dev_{k}": round(v, 5) if v is not None else None for k, v in dev.items()}}
         history.append(record)
         improved = dev["bleu4"] > best_bleu4
         best_bleu4, bad_epochs = (dev["bleu4"], 0) if improved else (best_bleu4, bad_epochs + 1)
@@ -337,8 +355,9 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
                         "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": ranks.world_size,
                         "history": history, "best_bleu4": best_bleu4, "bad_epochs": bad_epochs}
             if improved:
-                save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance)
-            save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training)
+                save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance, domain=domain)
+            save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training,
+                            domain=domain)
             write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
             plot_curves(history, out_dir / "curves.png", self_critical.name if self_critical else "")
     log(f"best dev BLEU-4 {best_bleu4:.4f}: {best_path}")

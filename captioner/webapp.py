@@ -9,11 +9,20 @@ from pathlib import Path
 
 import gradio as gr
 
-from .inference import Captioner
+from .caption import tags_text
+from .inference import Caption, Captioner
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "20mb"
-TABLE_HEADERS = ["file", "rank", "caption", "score", "error"]
+TABLE_HEADERS = ["file", "rank", "caption", "score", "error", "confidence", "the photo shows"]
+
+
+def gallery_text(caption: Caption) -> str:
+    """The caption under a photo; an unsure one says so and names what the encoder does see."""
+    if not caption.unsure:
+        return caption.text
+    seen = tags_text(caption.tags) or "nothing the model knows"
+    return f"{caption.text} (unsure: this photo is unlike the ones the model learned from; it seems to show {seen})"
 
 
 def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_size: int = 3, max_length: int = 20,
@@ -34,10 +43,11 @@ def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_si
         captions, error = results[index]
         name = Path(path).name
         if error is not None:
-            table.append([name, None, "", None, error.replace(path, name)])
+            table.append([name, None, "", None, error.replace(path, name), None, ""])
             continue
-        gallery.append((path, captions[0].text))
-        table += [[name, rank, c.text, round(c.score, 3), ""] for rank, c in enumerate(captions, start=1)]
+        gallery.append((path, gallery_text(captions[0])))
+        table += [[name, rank, c.text, round(c.score, 3), "", None if c.confidence is None else round(c.confidence, 3),
+                   tags_text(c.tags)] for rank, c in enumerate(captions, start=1)]
     if not gallery:
         gr.Warning("None of the uploaded files could be read as an image; see the table.")
     return gallery, table
@@ -46,7 +56,10 @@ def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_si
 def build_app(captioner: Captioner) -> gr.Blocks:
     defaults = captioner.config.decode
     with gr.Blocks(title="captioner") as app:
-        gr.Markdown("# captioner\nUpload photos; a CNN encoder and a recurrent decoder describe them.")
+        gr.Markdown("# captioner\nUpload photos; a CNN encoder and a recurrent decoder describe them. "
+                    "*Confidence* is how familiar a photo is to the model (the share of its held-out photos that "
+                    "look no more familiar); below 0.05 the caption is marked unsure. *The photo shows* lists what "
+                    "the encoder's ImageNet classifier sees, as caption words.")
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Images", file_count="multiple", type="filepath")

@@ -38,6 +38,7 @@ def test_caption_function_reports_bad_files_and_n_best(captioner, tiny_flickr8k,
     assert [row[1] for row in ranks] == [1, 2, 3] and ranks[0][3] >= ranks[2][3]
     error = [row for row in table if row[0] == "letter.jpg"][0]
     assert "not an image" in error[4] and str(tmp_path) not in error[4]
+    assert ranks[0][5] is not None and 0 <= ranks[0][5] <= 1  # confidence; then what the photo shows
     gallery, table = caption_uploads(captioner, [good], "greedy", 5, 12, 0.0, 2, 3)
     assert len(table) == 1  # greedy gives one caption
 
