@@ -5,6 +5,7 @@
      "encoder": {"name", "weights", "fingerprint", "feature_dim"},
      "provenance": {"dataset", "train_split", "epoch", "dev": {...}, "created", "torch"},
      "domain": {"centroids", "dev_similarity"},   # optional: how familiar photos are (confidence.py)
+     "fallback": {"config", "vocab", "decoder"},   # optional: captions unsure photos from tags (fallback.py)
      "training": {...}   # optimizer/scheduler/RNG state; only in last.pt, for --resume}
 
 It loads with `torch.load(path, weights_only=True)`: no pickled classes, nothing executable.
@@ -31,13 +32,15 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: nn.Module,
                     encoder_info: dict, provenance: dict, training: dict | None = None,
-                    half: bool = False, domain: dict | None = None) -> None:
+                    half: bool = False, domain: dict | None = None, fallback: dict | None = None) -> None:
     weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
                for k, v in decoder.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "vocab": list(vocab.words),
                "decoder": weights, "encoder": dict(encoder_info), "provenance": dict(provenance)}
     if domain is not None:
         payload["domain"] = dict(domain)
+    if fallback is not None:
+        payload["fallback"] = dict(fallback)
     if training is not None:
         payload["training"] = training
     atomic_save(payload, path)
@@ -66,9 +69,13 @@ def read_checkpoint(path: str | Path) -> dict:
     return payload
 
 
-def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, nn.Module, dict]:
-    """Config, vocabulary, decoder (eval mode, CPU, fp32) and the raw payload of a checkpoint."""
-    payload = read_checkpoint(path)
+def load_checkpoint(path: str | Path, payload: dict | None = None,
+                    what: str = "checkpoint") -> tuple[Config, Vocabulary, nn.Module, dict]:
+    """Config, vocabulary, decoder (eval mode, CPU, fp32) and the raw payload of a checkpoint (or of
+    `payload`, an entry read from it: `what` names it in errors)."""
+    payload = read_checkpoint(path) if payload is None else payload
+    if what != "checkpoint":
+        path = f"{path} ({what})"
     try:
         config = Config.from_dict(payload["config"], source=f"{path} (config)")
     except ConfigError as error:
@@ -87,13 +94,41 @@ def load_checkpoint(path: str | Path) -> tuple[Config, Vocabulary, nn.Module, di
     return config, vocab, decoder.eval(), payload
 
 
+def load_fallback(payload: dict, path: str | Path) -> tuple[Vocabulary, nn.Module] | None:
+    """The fallback decoder a checkpoint carries (fallback.py), or None."""
+    if not payload.get("fallback"):
+        return None
+    inner = payload["fallback"]
+    _, vocab, decoder, _ = load_checkpoint(path, {"format": FORMAT, "version": VERSION, "encoder": payload["encoder"],
+                                                  **inner}, what="fallback decoder")
+    return vocab, decoder
+
+
+def fallback_payload(path: str | Path, encoder_info: dict, image_size: int, half: bool = True) -> dict:
+    """A trained fallback checkpoint as the entry another checkpoint carries; its encoder must be the same."""
+    config, vocab, decoder, payload = load_checkpoint(path)
+    if config.decoder.inputs != "tags":
+        raise CheckpointError(f"{path}: not a fallback decoder (decoder.inputs is {config.decoder.inputs}, not tags)")
+    if payload["encoder"].get("fingerprint") != encoder_info.get("fingerprint"):
+        raise CheckpointError(f"{path}: trained with encoder {payload['encoder'].get('name')} "
+                              f"({payload['encoder'].get('fingerprint')}), the model's is {encoder_info.get('name')} "
+                              f"({encoder_info.get('fingerprint')})")
+    if config.encoder.image_size != image_size:
+        raise CheckpointError(f"{path}: its person probe saw {config.encoder.image_size} px images, the model's are "
+                              f"{image_size} px (train it with --for-model MODEL)")
+    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in decoder.state_dict().items()}
+    return {"config": config.to_dict(), "vocab": list(vocab.words), "decoder": weights}
+
+
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
-                      decode_overrides: list[str] = (), domain: dict | None = None) -> dict:
+                      decode_overrides: list[str] = (), domain: dict | None = None,
+                      fallback: str | Path | None = None) -> dict:
     """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance.
 
     `decode_overrides` ("decode.beam_size=5", ...) change the decoding defaults stored with the model,
     e.g. to settings chosen on dev by bench/tune_decoding.py; nothing else can change. `domain` replaces
-    the familiarity profile (confidence.py); without it the source's, if any, is kept.
+    the familiarity profile (confidence.py), `fallback` (a checkpoint trained by `captioner
+    train-fallback`) the fallback decoder; without them the source's, if any, are kept.
     """
     config, vocab, decoder, payload = load_checkpoint(source)
     if decode_overrides:
@@ -107,6 +142,9 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
     provenance.setdefault("exported_from", Path(source).name)  # re-exporting an export keeps the training file's name
     if decode_overrides:
         provenance["decode_overrides"] = list(decode_overrides)
+    if fallback:
+        provenance["fallback_from"] = str(fallback)
     save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half,
-                    domain=domain if domain is not None else payload.get("domain"))
+                    domain=domain if domain is not None else payload.get("domain"),
+                    fallback=fallback_payload(fallback, payload["encoder"], config.encoder.image_size, half) if fallback else payload.get("fallback"))
     return provenance

@@ -80,6 +80,21 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--no-progress", action="store_true")
     _decode_arguments(caption)
 
+    fallback = commands.add_parser("train-fallback", help="train the decoder that captions unsure photos from "
+                                   "their tags, on captions alone (no photos)")
+    fallback.add_argument("--captions", required=True, help="a caption text file: TSV with a caption column "
+                          "(e.g. COCO captions), or lines ending in a caption (Flickr8k.token.txt)")
+    fallback.add_argument("--out", required=True, help="run folder (best.pt, metrics.jsonl)")
+    fallback.add_argument("--for-model", help="the model it will be exported into (default: the shipped model): "
+                          "its encoder is used")
+    fallback.add_argument("--dev-data", help="a refs.jsonl folder of photos unlike Flickr8k's: pick the epoch by its "
+                          "CIDEr-D")
+    fallback.add_argument("--without-people", action="store_true", help="leave out captions that name a person "
+                          "(the tags cannot tell whether one is there)")
+    fallback.add_argument("--epochs", type=int, default=3)
+    fallback.add_argument("--seed", type=int, default=0)
+    fallback.add_argument("--no-progress", action="store_true")
+
     export = commands.add_parser("export", help="copy a checkpoint for shipping (fp16, no optimizer state)")
     export.add_argument("checkpoint")
     export.add_argument("out")
@@ -89,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fit-confidence", action="store_true",
                         help="(re)compute the familiarity profile behind each caption's confidence from the "
                              "checkpoint's training data (its train and dev photos; encoded once, cached)")
+    export.add_argument("--fallback", help="a decoder from `captioner train-fallback` to caption unsure photos "
+                        "from their tags")
     export.add_argument("--data-root", help="with --fit-confidence: where that data is, if not at the checkpoint's "
                         "data.root")
 
@@ -141,6 +158,20 @@ def run(args) -> int:
         captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device)
         return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers, args.overwrite,
                              progress=not args.no_progress, **_decode_options(args))
+    if args.command == "train-fallback":
+        from .train_fallback import train_fallback
+
+        if args.epochs < 1:
+            raise ConfigError("--epochs must be >= 1")
+        from .checkpoint import load_checkpoint
+        from .inference import DEFAULT_CHECKPOINT
+
+        encoder = load_checkpoint(args.for_model or DEFAULT_CHECKPOINT)[0].encoder
+        best = train_fallback(args.captions, args.out, encoder, epochs=args.epochs, seed=args.seed,
+                              dev_folder=args.dev_data, without_people=args.without_people,
+                              progress=not args.no_progress)
+        print(f"fallback decoder: {best}")
+        return 0
     if args.command == "export":
         from .checkpoint import export_checkpoint, load_checkpoint
 
@@ -154,7 +185,8 @@ def run(args) -> int:
             domain = fit_domain_profile(config, "cpu").to_dict()
         elif args.data_root:
             raise ConfigError("--data-root is for --fit-confidence")
-        export_checkpoint(args.checkpoint, args.out, half=not args.fp32, decode_overrides=args.set, domain=domain)
+        export_checkpoint(args.checkpoint, args.out, half=not args.fp32, decode_overrides=args.set, domain=domain,
+                          fallback=args.fallback)
         size = Path(args.out).stat().st_size / 1e6
         print(f"wrote {args.out} ({size:.1f} MB)")
         return 0

@@ -5,8 +5,9 @@ believe it depends on whether the photo looks like the ones it learned from. The
 k-means centroids of the training photos' features (direction only) and the nearest-centroid
 similarities of held-out (dev) photos. A photo's familiarity is the share of those dev photos
 that sit no closer to the training photos than it does: 0.5 is a typical training-like photo,
-0.01 is stranger than 99% of them. Below UNSURE_BELOW the app and the CLI say the caption is
-unsure and show the tags.
+0.01 is stranger than 99% of them. Below the model's `decode.unsure_below` (0.05 unless chosen
+otherwise) the app and the CLI say the caption is unsure and show the tags, and a model with a
+fallback decoder writes that caption from the tags instead (fallback.py).
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-UNSURE_BELOW = 0.05
 CENTROIDS = 64
 
 

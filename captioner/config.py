@@ -44,6 +44,7 @@ class DecoderConfig:
     dropout: float = 0.5
     attention: bool = False  # True: soft attention over the encoder's grid (Show, Attend and Tell)
     attention_dim: int = 256
+    inputs: str = "features"  # features: CNN features; tags: the photo's tags (the fallback decoder, fallback.py)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class DecodeConfig:
     min_length: int = 1
     length_penalty: float = 0.0  # hypothesis score = log-prob / length**length_penalty
     no_repeat_ngram_size: int = 3  # 0 disables repeat blocking
+    unsure_below: float = 0.05  # confidence under which a caption is unsure (and written from tags, with a fallback)
 
 
 @dataclass
@@ -112,6 +114,9 @@ class Config:
             (not self.decoder.attention or self.decoder.num_layers == 1,
              "decoder.attention supports decoder.num_layers: 1 only"),
             (self.decoder.attention_dim >= 1, "decoder.attention_dim must be >= 1"),
+            (self.decoder.inputs in ("features", "tags"), "decoder.inputs must be features or tags"),
+            (not (self.decoder.inputs == "tags" and self.decoder.attention), "decoder.inputs: tags has no attention"),
+            (0.0 <= self.decode.unsure_below <= 1.0, "decode.unsure_below must be in [0, 1]"),
             (self.decode.beam_size >= 1, "decode.beam_size must be >= 1"),
             (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
             (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),

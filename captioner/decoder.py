@@ -119,6 +119,10 @@ class AttentionDecoder(nn.Module):
 
 
 def build_decoder(vocab_size: int, feature_dim: int, config: DecoderConfig) -> nn.Module:
+    if config.inputs == "tags":
+        from .fallback import TagDecoder
+
+        return TagDecoder(vocab_size, feature_dim, config)
     return (AttentionDecoder if config.attention else CaptionDecoder)(vocab_size, feature_dim, config)
 
 

@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, load_checkpoint, load_fallback
 from .concepts import Tag, default_concept_words
-from .confidence import UNSURE_BELOW, DomainProfile
+from .confidence import DomainProfile
 from .config import Config, DecodeConfig
 from .decoder import CaptionDecoder
 from .encoder import Encoder, encoder_from_config
+from .fallback import TagDecoder
 from .features import iter_image_batches
 from .search import beam_search, greedy_search
 from .text import Vocabulary
@@ -42,11 +43,8 @@ class Caption:
     finished: bool  # False when cut at max_length
     tags: list[Tag] = field(default_factory=list)  # what the encoder's ImageNet head sees, as caption words
     confidence: float | None = None  # how familiar the photo is to the model, in [0, 1] (None: not known)
-
-    @property
-    def unsure(self) -> bool:
-        """The photo is stranger than 95% of the model's held-out photos: trust the tags more than the caption."""
-        return self.confidence is not None and self.confidence < UNSURE_BELOW
+    unsure: bool = False  # confidence < decode.unsure_below: the photo is unlike the model's training photos
+    from_tags: bool = False  # written by the fallback decoder from the tags (fallback.py), not from the photo
 
 
 def resolve_device(device: str) -> torch.device:
@@ -71,13 +69,15 @@ def decode_features(decoder, vocab: Vocabulary, features: torch.Tensor, options:
 
 class Captioner:
     def __init__(self, config: Config, vocab: Vocabulary, decoder: CaptionDecoder, encoder: Encoder,
-                 device: str = "cpu", domain: DomainProfile | None = None):
+                 device: str = "cpu", domain: DomainProfile | None = None,
+                 fallback: tuple[Vocabulary, TagDecoder] | None = None):
         self.device = resolve_device(device)
         self.config, self.vocab = config, vocab
         self.decoder = decoder.to(self.device).eval()
         self.encoder = encoder.to(self.device).eval()
         self.concept_words = default_concept_words()
         self.domain = domain
+        self.fallback = (fallback[0], fallback[1].to(self.device).eval()) if fallback else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu",
@@ -100,7 +100,7 @@ class Captioner:
             print(f"warning: {path} was trained on {info.get('name')} weights with fingerprint {info['fingerprint']}, "
                   f"but the loaded encoder's is {encoder.fingerprint()}: captions may be poor", file=sys.stderr)
         domain = DomainProfile.from_dict(payload["domain"]) if payload.get("domain") else None
-        return cls(config, vocab, decoder, encoder, device, domain)
+        return cls(config, vocab, decoder, encoder, device, domain, load_fallback(payload, path))
 
     def decode_options(self, **overrides) -> DecodeConfig:
         options = replace(self.config.decode, **{k: v for k, v in overrides.items() if v is not None})
@@ -110,14 +110,33 @@ class Captioner:
 
     @torch.inference_mode()
     def describe(self, features: torch.Tensor, decode: DecodeConfig, n_best: int = 1) -> list[list[Caption]]:
-        """Features of a batch -> the n best captions per image, each with the image's tags and confidence."""
-        results = decode_features(self.decoder, self.vocab, features, decode, n_best)
+        """Features of a batch -> the n best captions per image, each with the image's tags and confidence.
+
+        With a fallback decoder, the unsure photos' captions are written from their tags instead.
+        """
         pooled = features.float().mean(1) if self.decoder.uses_grid else features
-        tags = self.concept_words.tags(self.encoder.classify(pooled))
-        confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(results)
-        for captions, image_tags, image_confidence in zip(results, tags, confidence):
+        class_probs = self.encoder.classify(pooled)
+        confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(features)
+        unsure = [c is not None and c < decode.unsure_below for c in confidence]
+        from_tags = [i for i, u in enumerate(unsure) if u] if self.fallback else []
+        from_photo = [i for i in range(len(features)) if i not in set(from_tags)]
+        results: list[list[Caption]] = [[] for _ in range(len(features))]
+        if from_photo:
+            rows = torch.tensor(from_photo, device=features.device)
+            for i, captions in zip(from_photo, decode_features(self.decoder, self.vocab, features[rows], decode, n_best)):
+                results[i] = captions
+        if from_tags:
+            vocab, decoder = self.fallback
+            rows = torch.tensor(from_tags, device=features.device)
+            tag_vectors = decoder.tag_vector(class_probs[rows])
+            # Captions from a few tags repeat their nouns ("a sink and a sink"): block repeated word pairs there.
+            tag_decode = replace(decode, no_repeat_ngram_size=min(decode.no_repeat_ngram_size, 2))
+            for i, captions in zip(from_tags, decode_features(decoder, vocab, tag_vectors, tag_decode, n_best)):
+                results[i] = [replace(c, from_tags=True) for c in captions]
+        for captions, image_tags, image_confidence, image_unsure in zip(
+                results, self.concept_words.tags(class_probs), confidence, unsure):
             for caption in captions:
-                caption.tags, caption.confidence = image_tags, image_confidence
+                caption.tags, caption.confidence, caption.unsure = image_tags, image_confidence, image_unsure
         return results
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:

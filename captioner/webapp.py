@@ -22,6 +22,9 @@ def gallery_text(caption: Caption) -> str:
     if not caption.unsure:
         return caption.text
     seen = tags_text(caption.tags) or "nothing the model knows"
+    if caption.from_tags:
+        return f"{caption.text} (unsure: this photo is unlike the ones the model learned from, so the caption is " \
+               f"written from what its encoder sees: {seen})"
     return f"{caption.text} (unsure: this photo is unlike the ones the model learned from; it seems to show {seen})"
 
 
