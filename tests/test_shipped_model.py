@@ -13,6 +13,8 @@ from captioner.inference import DEFAULT_CHECKPOINT
 from captioner.webapp import EXAMPLES_DIR
 from conftest import SHARED_FLICKR8K, free_port
 
+SHARED_COCO_OOD = SHARED_FLICKR8K.parent / "coco-ood-dev"
+
 pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shipped model yet")
 
 
@@ -53,6 +55,22 @@ def test_shipped_model_scores_on_real_flickr8k_test_photos():
     # Self-critical training can teach a model to stop mid-phrase ("a dog is running on the"); this one must not.
     cut_short = [c.text for c in captions if c.text.split()[-1] in {"a", "an", "the", "in", "on", "of", "with", "at"}]
     assert len(cut_short) <= 0.05 * len(captions), cut_short
+
+
+def test_shipped_model_says_when_it_is_unsure_and_names_what_it_sees():
+    cat, astronaut = Captioner.from_checkpoint().caption([EXAMPLES_DIR / "cat.jpg", EXAMPLES_DIR / "astronaut.jpg"])
+    assert cat.tags[0][0] == "cat" and cat.unsure and cat.from_tags and "cat" in cat.text.split(), cat
+    assert not astronaut.unsure and not astronaut.from_tags and astronaut.confidence > 0.05
+
+
+@pytest.mark.skipif(not SHARED_COCO_OOD.is_dir(), reason="needs ../shared/data/coco-ood-dev")
+def test_shipped_model_on_everyday_photos_keeps_its_published_dev_scores(capsys):
+    """The numbers README and model card publish for coco-ood-dev (a dev set: they were chosen on it)."""
+    assert main(["evaluate", "--data", str(SHARED_COCO_OOD), "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["images"] == 149 and result["images_without_person_dog"] == 76
+    assert result["person_dog_hallucination"] <= 0.35 and result["cider_d"] >= 0.40, result
+    assert result["without_person_dog"]["cider_d"] >= 0.30, result
 
 
 def test_python_app_py_serves_the_shipped_model(tmp_path):
