@@ -119,7 +119,7 @@ class Captioner:
         confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(features)
         unsure = [c is not None and c < decode.unsure_below for c in confidence]
         from_tags = [i for i, u in enumerate(unsure) if u] if self.fallback else []
-        from_photo = [i for i in range(len(features)) if i not in set(from_tags)]
+        from_photo = sorted(set(range(len(features))) - set(from_tags))
         results: list[list[Caption]] = [[] for _ in range(len(features))]
         if from_photo:
             rows = torch.tensor(from_photo, device=features.device)
