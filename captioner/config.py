@@ -20,7 +20,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     format: str = "flickr8k"  # flickr8k | karpathy | csv | refs
-    root: str = "../shared/data/flickr8k"  # dataset folder (flickr8k), or folder the image paths are relative to
+    root: str = "data/flickr8k"  # dataset folder (flickr8k), or folder the image paths are relative to
     annotations: str = ""  # karpathy: dataset_*.json; csv: image,caption[,split] file
     min_word_count: int = 5  # words seen fewer times in train captions become <unk>
     max_caption_length: int = 30  # longer training captions are truncated (in words)

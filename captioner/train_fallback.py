@@ -89,8 +89,7 @@ def train_fallback(captions_file: str | Path, out_dir: str | Path, encoder_confi
     dev = _dev_set(encoder, dev_folder, cache_dir, progress) if dev_folder else None
     print(f"{len(captions)} captions, vocabulary {len(vocab)} words, {len(frequency)} concept words", file=sys.stderr)
 
-    trainable = [p for p in decoder.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=lr)
+    optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     steps = math.ceil(len(captions) / batch_size) * epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
     loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=config.train.label_smoothing)
@@ -110,7 +109,7 @@ def train_fallback(captions_file: str | Path, out_dir: str | Path, encoder_confi
             loss = loss_fn(logits.reshape(-1, logits.size(-1)), caption_ids[:, 1:].reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            nn.utils.clip_grad_norm_(trainable, config.train.grad_clip)
+            nn.utils.clip_grad_norm_(decoder.parameters(), config.train.grad_clip)
             optimizer.step()
             scheduler.step()
             total += loss.item() * len(batch)

@@ -144,9 +144,8 @@ def caption_word_counts(paths: list[Path]) -> Counter:
     counts: Counter = Counter()
     for path in paths:
         for line in path.read_text(encoding="utf-8").splitlines():
-            caption = line.rsplit("\t", 1)[-1].lower()
-            counts.update(re.findall(r"[a-z]+", caption))
-            words = re.findall(r"[a-z]+", caption)
+            words = re.findall(r"[a-z]+", line.rsplit("\t", 1)[-1].lower())
+            counts.update(words)
             counts.update(f"{a} {b}" for a, b in zip(words, words[1:]))  # two-word names: "teddy bear"
     return counts
 
