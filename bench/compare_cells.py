@@ -5,7 +5,7 @@
 Each cell trains into runs/<name>-<cell> (a finished run there is reused, an interrupted one is
 resumed), then its best checkpoint is scored on dev and test at beam 1 and 3. Writes cells.md
 (a table: parameters, training seconds per epoch, captions per second, BLEU, CIDEr-D) and cells.png
-(dev BLEU-4 per epoch).
+(training loss and dev BLEU-4 per epoch).
 """
 from __future__ import annotations
 
@@ -23,8 +23,10 @@ import torch
 from captioner.checkpoint import load_checkpoint
 from captioner.config import load_config
 from captioner.data import load_dataset
+from captioner.evaluate import evaluate_features, prepare_features, readable
+from captioner.files import plot_curves, read_metrics
 from captioner.inference import decode_features
-from captioner.train import evaluate_features, prepare_features, readable, run_is_finished, train
+from captioner.train import run_is_finished, train
 
 
 def run_cell(config_path: str, cell: str, overrides: list[str]) -> Path:
@@ -40,7 +42,7 @@ def run_cell(config_path: str, cell: str, overrides: list[str]) -> Path:
 def score(run: Path, dataset, table) -> tuple[dict, list[dict]]:
     config, vocab, decoder, payload = load_checkpoint(run / "best.pt")
     row = {"cell": config.decoder.cell, "parameters": sum(p.numel() for p in decoder.parameters())}
-    history = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    history = read_metrics(run)
     row["epochs"] = len(history)
     row["best_epoch"] = payload["provenance"]["epoch"]
     row["train_s_per_epoch"] = statistics.median(h["train_seconds"] for h in history)
@@ -74,19 +76,7 @@ def write_report(rows: list[dict], histories: dict, out: Path, config_path: str)
                      f"{r['test_beam1_bleu4']:.3f} / {r['test_beam3_bleu4']:.3f} | {r['test_beam3_cider_d']:.3f} |")
     (out / "cells.md").write_text("\n".join(lines) + "\n")
     (out / "cells.json").write_text(json.dumps(rows, indent=1))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for cell, history in histories.items():
-        axis.plot([h["epoch"] for h in history], [h["dev_bleu4"] for h in history], marker="o", label=cell.upper())
-    axis.set(title="Flickr8k dev BLEU-4 (greedy) per epoch", xlabel="epoch", ylabel="BLEU-4")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "cells.png", dpi=100)
+    plot_curves({cell.upper(): history for cell, history in histories.items()}, out / "cells.png")
     print("\n".join(lines))
 
 

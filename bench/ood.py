@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from captioner.data import load_flickr8k, load_refs_folder
+from captioner.evaluate import readable
 from captioner.features import cached_features
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.metrics import caption_scores, overlap_scores, without_person_dog
@@ -27,7 +28,7 @@ from captioner.text import tokenize
 def score_records(captioner: Captioner, records, cache_dir: str) -> tuple[dict, list]:
     table = cached_features(captioner.encoder, [r.path for r in records], cache_dir, 4, 0, captioner.device, True,
                             grid=captioner.decoder.uses_grid)
-    records = [r for r in records if str(r.path) not in table.failed]
+    records = readable(records, table)
     features = table.lookup([r.path for r in records])
     captions = []
     for start in range(0, len(features), 128):
@@ -59,9 +60,16 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/features")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="ood")
+    parser.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
+                        help="score with a decoding setting changed, e.g. decode.unseen_dog_below=0 (the dog check off)")
     args = parser.parse_args()
 
     captioner = Captioner.from_checkpoint(args.checkpoint)
+    for override in args.set:
+        key, _, value = override.partition("=")
+        if not key.startswith("decode."):
+            raise SystemExit(f"--set {override}: only decode.* settings")
+        captioner.config.decode = captioner.decode_options(**{key[len("decode."):]: type(getattr(captioner.config.decode, key[len("decode."):]))(value)})
     sets = {}
     if args.flickr8k:
         flickr8k = load_flickr8k(args.flickr8k)
@@ -77,7 +85,7 @@ def main() -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     columns = ["images", "bleu1", "bleu4", "cider_d", "person_dog_hallucination", "images_without_person_dog",
                "cider_d_without_person_dog", "unsure", "unsure_without_person_dog"]
-    lines = [f"# {args.name}: {args.checkpoint}", "", f"`python bench/ood.py` ({machine}); decoding: the model's "
+    lines = [f"# {args.name}: {args.checkpoint}{''.join(' --set ' + o for o in args.set)}", "", f"`python bench/ood.py` ({machine}); decoding: the model's "
              f"defaults (beam {captioner.config.decode.beam_size}).", "",
              "| set | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for name, r in results.items()]

@@ -2,7 +2,7 @@
 
     python bench/ray_vs_local.py [--folder DIR] [--images 400] [--checkpoint CKPT] [--beam-size 3]
 
-Default: the first N images (sorted) of ../shared/data/flickr8k, the shipped model, beam 3. The local engine
+Default: the first N images (sorted) of data/flickr8k (README's download), the shipped model, beam 3. The local engine
 runs twice: with torch's default thread count (what the CLI does) and with one thread, as each Ray actor
 does, so the table shows what Ray itself adds. Ray is started first and timed apart: the Ray figure is the
 captioning itself (actors loading the model included). Writes bench/results/ray_vs_local.md.
@@ -24,15 +24,15 @@ from captioner import Captioner
 from captioner.caption import caption_paths
 from captioner.ray_engine import caption_with_ray, pool_layout, start_ray
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k"
+FLICKR8K = Path("data/flickr8k")
 RESULTS = Path(__file__).resolve().parent / "results" / "ray_vs_local.md"
 
 
 def default_folder() -> Path:
-    for name in ("Flicker8k_Dataset", "images"):  # the release's folder name, or the shared copy's
-        if (SHARED / name).is_dir():
-            return SHARED / name
-    raise SystemExit(f"no Flickr8k images under {SHARED}; pass --folder")
+    for name in ("images", "Flicker8k_Dataset"):  # `captioner download`'s folder name, or the release's
+        if (FLICKR8K / name).is_dir():
+            return FLICKR8K / name
+    raise SystemExit(f"no Flickr8k images under {FLICKR8K}; pass --folder")
 
 
 def main() -> None:

@@ -9,13 +9,12 @@ checked before any training starts. Runs train with `captioner train` into <out-
 (a finished run is kept, an interrupted one resumed), --parallel at a time: 1 on a small CPU,
 more where a GPU sits idle between one run's small kernels. A run that fails does not stop the
 others; its log is <out-root>/<name>.log. Writes <results>.md (dev BLEU-4 per epoch, the best
-epoch's BLEU-1 and CIDEr-D) and <results>.png (the curves). Only dev is read: pick on dev, then
-score the pick on test with `captioner evaluate`.
+epoch's BLEU-1 and CIDEr-D) and <results>.png (training loss, or sampled reward, and dev BLEU-4
+per epoch). Only dev is read: pick on dev, then score the pick on test with `captioner evaluate`.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import shlex
@@ -27,6 +26,7 @@ from pathlib import Path
 import torch
 
 from captioner.config import ConfigError, load_config
+from captioner.files import plot_curves, read_metrics
 from captioner.train import run_is_finished
 
 
@@ -45,11 +45,6 @@ def read_sweep(path: str | Path) -> list[tuple[str, list[str]]]:
     if not runs:
         raise ConfigError(f"{path}: no runs (each line: a name, then section.key=value overrides)")
     return runs
-
-
-def history_of(run: Path) -> list[dict]:
-    metrics = run / "metrics.jsonl"
-    return [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.is_file() else []
 
 
 def train_command(config: str, out_dir: Path, overrides: list[str], resume: bool) -> list[str]:
@@ -103,7 +98,7 @@ def write_report(runs: list[tuple[str, list[str]]], out_root: Path, results: Pat
              "| --- | --- | --- | --- | --- | --- | --- |"]
     histories = {}
     for name, overrides in runs:
-        history = histories[name] = history_of(out_root / name)
+        history = histories[name] = read_metrics(out_root / name)
         if not history:
             lines.append(f"| {name} | {' '.join(overrides)} | 0 | no finished epoch: see {out_root / name}.log | | | |")
             continue
@@ -118,24 +113,7 @@ def write_report(runs: list[tuple[str, list[str]]], out_root: Path, results: Pat
     text = "\n".join(lines) + "\n"
     results.parent.mkdir(parents=True, exist_ok=True)
     results.with_suffix(".md").write_text(text)
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    colors = plt.cm.tab20.colors  # tab10 repeats after ten runs
-    for index, (name, history) in enumerate(histories.items()):
-        if history:
-            axis.plot([h["epoch"] for h in history], [h["dev_bleu4"] for h in history], marker=".", label=name,
-                      color=colors[(2 * index) % 20 + (2 * index) // 20 % 2])
-    axis.set(title=f"dev BLEU-4 per epoch ({', '.join(decodes)})", xlabel="epoch", ylabel="BLEU-4")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(results.with_suffix(".png"), dpi=100)
-    plt.close(figure)
+    plot_curves(histories, results.with_suffix(".png"))
     return text
 
 

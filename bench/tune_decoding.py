@@ -22,8 +22,8 @@ import torch
 
 from captioner.checkpoint import load_checkpoint
 from captioner.data import load_dataset
+from captioner.evaluate import evaluate_features, prepare_features, readable
 from captioner.inference import DEFAULT_CHECKPOINT
-from captioner.train import evaluate_features, prepare_features, readable
 
 METRICS = ("bleu1", "bleu4", "cider_d", "rouge_l")
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import Config, ConfigError, apply_override
 from .decoder import build_decoder
-from .features import atomic_save
+from .files import atomic_save
 from .text import Vocabulary
 
 FORMAT, VERSION = "captioner", 1
@@ -126,7 +126,8 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
     """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance.
 
     `decode_overrides` ("decode.beam_size=5", ...) change the decoding defaults stored with the model,
-    e.g. to settings chosen on dev by bench/tune_decoding.py; nothing else can change. `domain` replaces
+    e.g. to settings chosen on dev by bench/tune_decoding.py, and "data.root=DIR" where its data is to
+    be found (evaluate's default); nothing else can change. `domain` replaces
     the familiarity profile (confidence.py), `fallback` (a checkpoint trained by `captioner
     train-fallback`) the fallback decoder; without them the source's, if any, are kept.
     """
@@ -134,14 +135,15 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
     if decode_overrides:
         values = config.to_dict()
         for override in decode_overrides:
-            if not override.startswith("decode."):
-                raise ConfigError(f"export --set {override}: only decode.* settings can change in an export")
+            if not override.startswith(("decode.", "data.root=")):
+                raise ConfigError(f"export --set {override}: only decode.* settings and data.root can change "
+                                  f"in an export")
             apply_override(values, override)
         config = Config.from_dict(values, source=f"export --set {' '.join(decode_overrides)}")
     provenance = dict(payload.get("provenance", {}), fp16=half)
     provenance.setdefault("exported_from", Path(source).name)  # re-exporting an export keeps the training file's name
     if decode_overrides:
-        provenance["decode_overrides"] = list(decode_overrides)
+        provenance["decode_overrides"] = [*provenance.get("decode_overrides", []), *decode_overrides]
     if fallback:
         provenance["fallback_from"] = str(fallback)
     save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half,

@@ -20,6 +20,20 @@ def _decode_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-repeat-ngram-size", type=int, help="block repeated n-grams (0: off)")
 
 
+def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("how the CNN runs on a CPU (default: the checkpoint's encoder config, "
+                                      "auto and fp32)")
+    group.add_argument("--runtime", choices=["auto", "torch", "onnx"],
+                       help="auto: ONNX Runtime when installed (faster), torch otherwise; a GPU always runs torch")
+    group.add_argument("--precision", choices=["fp32", "int8"],
+                       help="int8: the CNN quantized by `captioner calibrate-int8` (ONNX Runtime)")
+
+
+def _runtime_overrides(args) -> list[str]:
+    return [f"encoder.{key}={value}" for key, value in (("runtime", args.runtime), ("precision", args.precision))
+            if value]
+
+
 def _decode_options(args) -> dict:
     return {"beam_size": args.beam_size, "max_length": args.max_length, "min_length": args.min_length,
             "length_penalty": args.length_penalty, "no_repeat_ngram_size": args.no_repeat_ngram_size}
@@ -45,7 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a decoder on cached encoder features")
     train.add_argument("--config", help="YAML config (see configs/)")
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value")
-    train.add_argument("--resume", action="store_true", help="continue the run in train.out_dir from last.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run in train.out_dir from last.pt, under the run's own config: --config and "
+                            "--set may change only train.epochs, train.patience, train.device, train.threads and "
+                            "train.cache_dir; any other setting that differs from the run's is an error")
     train.add_argument("--no-progress", action="store_true")
 
     evaluate = commands.add_parser("evaluate", help="BLEU-1..4, CIDEr-D, ROUGE-L and person/dog hallucination "
@@ -61,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--device", default="cpu")
     evaluate.add_argument("--no-progress", action="store_true")
     _decode_arguments(evaluate)
+    _runtime_arguments(evaluate)
 
     caption = commands.add_parser("caption", help="caption image files and folders")
     caption.add_argument("paths", nargs="+", metavar="PATH")
@@ -79,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--device", default="cpu")
     caption.add_argument("--no-progress", action="store_true")
     _decode_arguments(caption)
+    _runtime_arguments(caption)
 
     fallback = commands.add_parser("train-fallback", help="train the decoder that captions unsure photos from "
                                    "their tags, on captions alone (no photos)")
@@ -95,12 +114,19 @@ def build_parser() -> argparse.ArgumentParser:
     fallback.add_argument("--seed", type=int, default=0)
     fallback.add_argument("--no-progress", action="store_true")
 
-    export = commands.add_parser("export", help="copy a checkpoint for shipping (fp16, no optimizer state)")
+    export = commands.add_parser("export", help="copy a checkpoint for shipping (fp16, no optimizer state), or "
+                                 "write it as ONNX graphs for other runtimes (--format onnx)")
     export.add_argument("checkpoint")
-    export.add_argument("out")
+    export.add_argument("out", help="the checkpoint file to write, or with --format onnx a folder")
+    export.add_argument("--format", choices=["pt", "onnx"], default="pt",
+                        help="onnx: encoder.onnx (and encoder-int8.onnx when calibrated), decoder_init.onnx, "
+                             "decoder_step.onnx and captioner.json (vocabulary, decoding defaults, image transform)")
+    export.add_argument("--int8", action="store_true", help="with --format onnx: require the int8 encoder "
+                        "(made by `captioner calibrate-int8`); without it, it is included when there is one")
     export.add_argument("--fp32", action="store_true", help="keep float32 weights")
     export.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
-                        help="change a stored decoding default, e.g. decode.length_penalty=0.5")
+                        help="change a stored decoding default, e.g. decode.length_penalty=0.5, or where "
+                             "the model's data is (data.root=data/flickr8k, evaluate's default)")
     export.add_argument("--fit-confidence", action="store_true",
                         help="(re)compute the familiarity profile behind each caption's confidence from the "
                              "checkpoint's training data (its train and dev photos; encoded once, cached)")
@@ -108,6 +134,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "from their tags")
     export.add_argument("--data-root", help="with --fit-confidence: where that data is, if not at the checkpoint's "
                         "data.root")
+
+    calibrate = commands.add_parser("calibrate-int8", help="quantize the CNN to int8 (ONNX Runtime, static, "
+                                    "per-channel), calibrated on a sample of a dataset's training photos")
+    calibrate.add_argument("--data-root", required=True, help="the dataset (the checkpoint's data.format), e.g. "
+                           "data/flickr8k")
+    calibrate.add_argument("--checkpoint", help="whose encoder to quantize (default: the shipped model)")
+    calibrate.add_argument("--images", type=int, default=256, help="training photos to calibrate on (a fixed sample)")
+    calibrate.add_argument("--float-convolutions", type=int, default=3, metavar="N",
+                           help="the first N convolutions stay fp32 (the stem and first block are the most "
+                                "sensitive to rounding; bench/int8.py)")
+    calibrate.add_argument("--out", help="also write the int8 graph here (it is always kept where --precision "
+                           "int8 finds it)")
+    calibrate.add_argument("--no-progress", action="store_true")
 
     download = commands.add_parser("download", help="fetch a dataset (needs internet)")
     download.add_argument("dataset", choices=["flickr8k"])
@@ -126,7 +165,7 @@ def run(args) -> int:
     if args.command == "evaluate":
         from .evaluate import evaluate
 
-        overrides = args.set
+        overrides = [*args.set, *_runtime_overrides(args)]
         if args.data:
             if args.split not in (None, "test"):
                 raise ConfigError(f"--data scores every image of {args.data} as split test; leave out --split")
@@ -155,7 +194,8 @@ def run(args) -> int:
         if is_folder_output(args.out):
             raise ConfigError(f"--out {args.out}: Parquet output to a folder needs --engine ray; "
                               f"use FILE.jsonl or FILE.csv")
-        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device)
+        captioner = Captioner.from_checkpoint(args.checkpoint, device=args.device, runtime=args.runtime,
+                                              precision=args.precision)
         return caption_paths(captioner, args.paths, args.out, args.batch_size, args.workers, args.overwrite,
                              progress=not args.no_progress, **_decode_options(args))
     if args.command == "train-fallback":
@@ -171,6 +211,16 @@ def run(args) -> int:
                               dev_folder=args.dev_data, without_people=args.without_people,
                               progress=not args.no_progress)
         print(f"fallback decoder: {best}")
+        return 0
+    if args.command == "export" and args.format == "onnx":
+        from .export_onnx import export_onnx
+
+        if args.fp32 or args.fit_confidence or args.fallback or args.data_root:
+            raise ConfigError("--format onnx writes fp32 graphs of the model as it is; --fp32, --fit-confidence, "
+                              "--fallback and --data-root are for checkpoints")
+        manifest = export_onnx(args.checkpoint or None, args.out, args.set, int8=True if args.int8 else None)
+        files = [graph["file"] for graph in manifest["graphs"].values()] + ["captioner.json"]
+        print(f"wrote {', '.join(files)} to {args.out}")
         return 0
     if args.command == "export":
         from .checkpoint import export_checkpoint, load_checkpoint
@@ -189,6 +239,28 @@ def run(args) -> int:
                           fallback=args.fallback)
         size = Path(args.out).stat().st_size / 1e6
         print(f"wrote {args.out} ({size:.1f} MB)")
+        return 0
+    if args.command == "calibrate-int8":
+        from .checkpoint import load_checkpoint
+        from .data import load_dataset
+        from .encoder import encoder_from_config
+        from .inference import DEFAULT_CHECKPOINT
+        from .quantize import calibrate_int8
+
+        if args.images < 1:
+            raise ConfigError("--images must be >= 1")
+        config = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)[0]
+        config.data.root = args.data_root
+        config.encoder.runtime, config.encoder.precision = "onnx", "fp32"
+        photos = [str(record.path) for record in load_dataset(config.data).split("train")]
+        written = calibrate_int8(encoder_from_config(config.encoder), photos, count=args.images,
+                                 progress=not args.no_progress, float_convolutions=args.float_convolutions)
+        if args.out:
+            import shutil
+
+            shutil.copyfile(written, args.out)
+        print(f"int8 encoder calibrated on {min(args.images, len(photos))} training photos of {args.data_root}: "
+              f"{args.out or written}; use it with --precision int8")
         return 0
     if args.command == "download":
         from .download import DEFAULT_BASE_URL, download_flickr8k

@@ -33,6 +33,8 @@ class EncoderConfig:
     image_size: int = 224  # images are resized to image_size x image_size (aspect not kept, as the training photos)
     batch_size: int = 16
     num_workers: int = 1  # processes decoding images while the CNN runs
+    runtime: str = "auto"  # auto: ONNX Runtime on a CPU when installed, torch on a GPU | torch | onnx (onnx_runtime.py)
+    precision: str = "fp32"  # fp32 | int8: the CNN quantized by `captioner calibrate-int8` (ONNX Runtime, CPU)
 
 
 @dataclass
@@ -52,9 +54,10 @@ class DecodeConfig:
     beam_size: int = 3
     max_length: int = 20
     min_length: int = 1
-    length_penalty: float = 0.0  # hypothesis score = log-prob / length**length_penalty
+    length_penalty: float = 0.0  # hypothesis score = log-prob / (words + 1)**length_penalty
     no_repeat_ngram_size: int = 3  # 0 disables repeat blocking
     unsure_below: float = 0.05  # confidence under which a caption is unsure (and written from tags, with a fallback)
+    unseen_dog_below: float = 0.05  # a caption naming a dog the encoder's dog tag has under this is unsure too
 
 
 @dataclass
@@ -107,6 +110,8 @@ class Config:
             (self.encoder.image_size >= 32, "encoder.image_size must be >= 32"),
             (self.encoder.batch_size >= 1, "encoder.batch_size must be >= 1"),
             (self.encoder.num_workers >= 0, "encoder.num_workers must be >= 0"),
+            (self.encoder.runtime in ("auto", "torch", "onnx"), "encoder.runtime must be auto, torch or onnx"),
+            (self.encoder.precision in ("fp32", "int8"), "encoder.precision must be fp32 or int8"),
             (self.decoder.cell in ("lstm", "gru", "rnn"), "decoder.cell must be lstm, gru or rnn"),
             (self.decoder.embed_dim >= 1 and self.decoder.hidden_dim >= 1, "decoder sizes must be >= 1"),
             (self.decoder.num_layers >= 1, "decoder.num_layers must be >= 1"),
@@ -117,6 +122,7 @@ class Config:
             (self.decoder.inputs in ("features", "tags"), "decoder.inputs must be features or tags"),
             (not (self.decoder.inputs == "tags" and self.decoder.attention), "decoder.inputs: tags has no attention"),
             (0.0 <= self.decode.unsure_below <= 1.0, "decode.unsure_below must be in [0, 1]"),
+            (0.0 <= self.decode.unseen_dog_below <= 1.0, "decode.unseen_dog_below must be in [0, 1]"),
             (self.decode.beam_size >= 1, "decode.beam_size must be >= 1"),
             (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
             (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),

@@ -129,5 +129,5 @@ def build_decoder(vocab_size: int, feature_dim: int, config: DecoderConfig) -> n
 def select_state(state: State, index: torch.Tensor) -> State:
     """Reorder or repeat the batch dimension of a decoder state."""
     if isinstance(state, tuple):
-        return tuple(s.index_select(1, index) for s in state)
+        return tuple(select_state(s, index) for s in state)
     return state.index_select(1, index)

@@ -139,12 +139,15 @@ def _load_state_dict(model: nn.Module, path: str) -> None:
 class Encoder(nn.Module):
     """Frozen CNN: images [B, 3, S, S] -> (pooled [B, D], grid [B, D, H, W])."""
 
-    def __init__(self, name: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224):
+    def __init__(self, name: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224,
+                 runtime: str = "auto", precision: str = "fp32"):
         super().__init__()
         if name not in ENCODERS:
             raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
         spec = ENCODERS[name]
         self.name, self.weights = name, weights
+        self.runtime, self.precision = resolve_runtime(runtime, precision)
+        self._session = None  # the ONNX Runtime session, made on the first CPU call (onnx_runtime.py)
         self.feature_dim = spec.feature_dim
         self.transform = ImageTransform(image_size, spec.mean, spec.std)
         backbone, head = spec.build(weights)
@@ -158,8 +161,21 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.runtime_on(images.device) == "onnx":
+            return self.onnx_session()(images)
         grid = self.backbone(images.contiguous(memory_format=torch.channels_last))
         return grid.mean(dim=(2, 3)), grid
+
+    def runtime_on(self, device: str | torch.device) -> str:
+        """The runtime that encodes images on `device`: ONNX Runtime serves CPUs only; GPUs keep torch."""
+        return self.runtime if torch.device(device).type == "cpu" else "torch"
+
+    def onnx_session(self):
+        if self._session is None:
+            from .onnx_runtime import EncoderSession, encoder_graph
+
+            self._session = EncoderSession(encoder_graph(self, self.precision))
+        return self._session
 
     def encode(self, images: torch.Tensor, grid: bool = False) -> torch.Tensor:
         """What a decoder reads: pooled features [B, D], or for attention the grid's cells [B, H * W, D]."""
@@ -171,6 +187,10 @@ class Encoder(nn.Module):
         """Pooled features [B, D] -> ImageNet class probabilities [B, 1000], from the CNN's own head."""
         return torch.softmax(self.head(pooled.to(next(self.head.parameters()).dtype)).float(), dim=1)
 
+    def class_weights(self) -> torch.Tensor:
+        """The ImageNet head's last linear layer's weights [1000, D]: how the CNN tells its classes apart."""
+        return [m for m in self.head.modules() if isinstance(m, nn.Linear)][-1].weight
+
     def fingerprint(self) -> str:
         """A short hash of the weights, to tell whether a decoder was trained on this encoder's features."""
         digest = hashlib.sha256()
@@ -179,10 +199,39 @@ class Encoder(nn.Module):
             digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         return digest.hexdigest()[:16]
 
-    def cache_key(self) -> str:
+    def graph_key(self) -> str:
+        """What the features depend on besides the runtime: the CNN, its weights, the transform."""
         return f"{self.name}-{self.fingerprint()}-{self.transform.key()}"
+
+    def cache_key(self, device: str | torch.device = "cpu") -> str:
+        """The feature cache's key: the CNN, its weights, the transform, and the runtime and precision on `device`."""
+        runtime = self.runtime_on(device)
+        if runtime == "onnx" and self.precision == "int8":  # which calibration, too: a new one gives new features
+            from .quantize import int8_digest
+
+            return f"{self.graph_key()}-onnx-int8-{int8_digest(self)}"
+        return f"{self.graph_key()}-{runtime}-{self.precision if runtime == 'onnx' else 'fp32'}"
+
+
+def resolve_runtime(runtime: str = "auto", precision: str = "fp32") -> tuple[str, str]:
+    """(runtime, precision) for a CPU: auto is ONNX Runtime when installed (int8 needs it), else torch."""
+    from .onnx_runtime import onnx_available
+
+    if runtime not in ("auto", "torch", "onnx"):
+        raise EncoderError(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
+    if precision not in ("fp32", "int8"):
+        raise EncoderError(f"unknown precision {precision!r}; choose fp32 or int8")
+    if runtime == "torch" and precision == "int8":
+        raise EncoderError("int8 runs on ONNX Runtime: use runtime onnx (or auto)")
+    if runtime == "auto":
+        runtime = "onnx" if onnx_available() else "torch"
+        if runtime == "torch" and precision == "int8":
+            raise EncoderError("int8 needs ONNX Runtime: pip install onnxruntime onnx")
+    elif runtime == "onnx" and not onnx_available():
+        raise EncoderError("runtime onnx needs ONNX Runtime: pip install onnxruntime onnx")
+    return runtime, precision
 
 
 def encoder_from_config(config) -> Encoder:
-    return Encoder(config.name, config.weights, config.image_size)
+    return Encoder(config.name, config.weights, config.image_size, config.runtime, config.precision)
 

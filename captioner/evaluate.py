@@ -5,6 +5,9 @@ decoder is scored with its unsure photos captioned from their tags; `unsure` and
 
 Besides the scores of the whole split, the result has the person/dog hallucination rate and the
 scores of the images whose references name neither (`without_person_dog`, None when there are none).
+
+Training scores dev the same way after each epoch, with the decoder alone: prepare_features,
+readable and evaluate_features below are shared with train.py and the benches.
 """
 from __future__ import annotations
 
@@ -13,17 +16,64 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, load_fallback
 from .confidence import DomainProfile
 from .config import Config, apply_override
-from .data import load_dataset
-from .encoder import encoder_from_config
-from .inference import DECODE_BATCH, DEFAULT_CHECKPOINT, Captioner, resolve_device
+from .data import CaptionDataset, ImageRecord, load_dataset
+from .distributed import SINGLE, Ranks, shard, unshard, unshard_features
+from .encoder import Encoder, encoder_from_config
+from .features import FeatureTable, cached_features
+from .files import write_text_atomic
+from .inference import DECODE_BATCH, DEFAULT_CHECKPOINT, Captioner, decode_features, resolve_device
 from .metrics import caption_scores, overlap_scores, without_person_dog
-from .text import tokenize
-from .train import prepare_features, readable, write_text_atomic
+from .text import Vocabulary, tokenize
+
+
+def prepare_features(config: Config, dataset: CaptionDataset, device, progress: bool = True,
+                     encoder: Encoder | None = None, ranks: Ranks = SINGLE) -> tuple[FeatureTable, dict]:
+    """Encode every image of every split once (or read the cache); returns the table and encoder info.
+
+    Under torchrun each rank encodes (and caches) its shard of the images, then all ranks
+    exchange them, so a rerun with the same number of processes reads its shard from the cache.
+    """
+    encoder = encoder or encoder_from_config(config.encoder)
+    paths = shard(sorted({str(r.path) for records in dataset.splits.values() for r in records}), ranks)
+    table = cached_features(encoder, paths, config.train.cache_dir, config.encoder.batch_size,
+                            config.encoder.num_workers, device, progress and ranks.is_main,
+                            grid=config.decoder.attention)
+    table = unshard_features(table, ranks) if ranks.distributed else table
+    for reason in table.failed.values() if ranks.is_main else ():
+        print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
+    info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
+            "feature_dim": encoder.feature_dim}
+    return table, info
+
+
+def readable(records: list[ImageRecord], table: FeatureTable) -> list[ImageRecord]:
+    """The records whose image could be read (the others are left out of training and scoring)."""
+    return [r for r in records if str(r.path) not in table.failed]
+
+
+@torch.inference_mode()
+def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, records: list[ImageRecord], decode,
+                      device, batch_size: int = 256, progress: bool = False,
+                      ranks: Ranks = SINGLE) -> tuple[dict[str, float], list[str]]:
+    """Decode every image once, batched, and score it (BLEU-1..4, CIDEr-D, ROUGE-L) against all its references.
+
+    Under torchrun each rank decodes a shard and every rank scores the gathered captions.
+    """
+    decoder.eval()
+    mine = shard(features, ranks)
+    captions = []
+    for start in tqdm(range(0, len(mine), batch_size), desc="decoding", disable=not progress, file=sys.stderr):
+        batch = mine[start:start + batch_size].to(device)
+        captions += [hyps[0].text for hyps in decode_features(decoder, vocab, batch, decode)]
+    captions = unshard(captions, ranks)
+    references = [[tokenize(c) for c in r.captions] for r in records]
+    return caption_scores(references, [c.split() for c in captions]), captions
 
 
 def evaluate(checkpoint: str | Path | None = None, split: str = "test", overrides: list[str] | None = None,

@@ -1,6 +1,6 @@
 """Image files -> encoder features, batched, with a progress bar, cached on disk in fp16.
 
-The cache is keyed by the encoder (name, weights fingerprint, transform) and by the list of
+The cache is keyed by the encoder (name, weights fingerprint, transform, runtime and precision) and by the list of
 files (path, size, mtime), so training epochs and later evaluations never run the CNN again.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .encoder import Encoder
+from .files import atomic_save
 from .transform import ImageLoadError, ImageSource, ImageTransform
 
 
@@ -100,7 +101,7 @@ def cached_features(encoder: Encoder, paths: Sequence[str | Path], cache_dir: st
     for path in paths:
         stat = os.stat(path)
         listing.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
-    folder = Path(cache_dir) / (encoder.cache_key() + ("-grid" if grid else ""))
+    folder = Path(cache_dir) / (encoder.cache_key(device) + ("-grid" if grid else ""))
     cache_file = folder / f"{listing.hexdigest()[:20]}.pt"
     if cache_file.is_file():
         try:
@@ -115,16 +116,3 @@ def cached_features(encoder: Encoder, paths: Sequence[str | Path], cache_dir: st
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save({"paths": table.paths, "features": table.features, "failed": table.failed}, cache_file)
     return table
-
-
-def atomic_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a half-written file."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, temporary)
-        with open(temporary, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -20,8 +20,9 @@ from .confidence import DomainProfile
 from .config import Config, DecodeConfig
 from .decoder import CaptionDecoder
 from .encoder import Encoder, encoder_from_config
-from .fallback import TagDecoder
+from .fallback import OnceOnlyWords, TagDecoder, WordBorrowing
 from .features import iter_image_batches
+from .metrics import mentions_dog
 from .search import beam_search, greedy_search
 from .text import Vocabulary
 from .transform import ImageSource
@@ -39,7 +40,7 @@ DECODE_BATCH = 128
 @dataclass
 class Caption:
     text: str
-    score: float  # log-probability / length**length_penalty
+    score: float  # log-probability / (words + 1)**length_penalty
     finished: bool  # False when cut at max_length
     tags: list[Tag] = field(default_factory=list)  # what the encoder's ImageNet head sees, as caption words
     confidence: float | None = None  # how familiar the photo is to the model, in [0, 1] (None: not known)
@@ -78,11 +79,16 @@ class Captioner:
         self.concept_words = default_concept_words()
         self.domain = domain
         self.fallback = (fallback[0], fallback[1].to(self.device).eval()) if fallback else None
+        self.borrowing = WordBorrowing(self.concept_words, fallback[0], encoder.class_weights()) if fallback else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | None = None, device: str = "cpu",
-                        encoder_weights: str | None = None) -> "Captioner":
-        """Load a checkpoint (the shipped default model when path is None) and the encoder it was trained on."""
+                        encoder_weights: str | None = None, runtime: str | None = None,
+                        precision: str | None = None) -> "Captioner":
+        """Load a checkpoint (the shipped default model when path is None) and the encoder it was trained on.
+
+        `runtime` (auto | torch | onnx) and `precision` (fp32 | int8) choose how the CNN runs on a CPU
+        (default: the checkpoint's encoder config, auto and fp32 unless set)."""
         if path is None:
             path = DEFAULT_CHECKPOINT
             if not path.is_file():
@@ -91,6 +97,8 @@ class Captioner:
         config, vocab, decoder, payload = load_checkpoint(path)
         if encoder_weights:
             config.encoder.weights = encoder_weights
+        config.encoder.runtime = runtime or config.encoder.runtime
+        config.encoder.precision = precision or config.encoder.precision
         encoder = encoder_from_config(config.encoder)
         info = payload["encoder"]
         if encoder.feature_dim != decoder.feature_dim:
@@ -112,27 +120,35 @@ class Captioner:
     def describe(self, features: torch.Tensor, decode: DecodeConfig, n_best: int = 1) -> list[list[Caption]]:
         """Features of a batch -> the n best captions per image, each with the image's tags and confidence.
 
-        With a fallback decoder, the unsure photos' captions are written from their tags instead.
+        A caption is unsure when the photo is unfamiliar (confidence < decode.unsure_below) or when it
+        names a dog the encoder does not see (dog tag < decode.unseen_dog_below). With a fallback
+        decoder, unsure photos' captions are written from their tags instead.
         """
         pooled = features.float().mean(1) if self.decoder.uses_grid else features
         class_probs = self.encoder.classify(pooled)
         confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(features)
         unsure = [c is not None and c < decode.unsure_below for c in confidence]
-        from_tags = [i for i, u in enumerate(unsure) if u] if self.fallback else []
-        from_photo = sorted(set(range(len(features))) - set(from_tags))
         results: list[list[Caption]] = [[] for _ in range(len(features))]
+        from_photo = [i for i, u in enumerate(unsure) if not (u and self.fallback)]
         if from_photo:
             rows = torch.tensor(from_photo, device=features.device)
             for i, captions in zip(from_photo, decode_features(self.decoder, self.vocab, features[rows], decode, n_best)):
                 results[i] = captions
+        dog = self.concept_words.word_probabilities(class_probs)[:, self.concept_words.words.index("dog")]
+        for i in from_photo:  # Flickr8k's prior writes dogs into photos of anything: the encoder knows better
+            if mentions_dog(results[i][0].text.split()) and dog[i] < decode.unseen_dog_below:
+                unsure[i] = True
+        from_tags = [i for i, u in enumerate(unsure) if u] if self.fallback else []
         if from_tags:
             vocab, decoder = self.fallback
             rows = torch.tensor(from_tags, device=features.device)
-            tag_vectors = decoder.tag_vector(class_probs[rows])
-            # Captions from a few tags repeat their nouns ("a sink and a sink"): block repeated word pairs there.
-            tag_decode = replace(decode, no_repeat_ngram_size=min(decode.no_repeat_ngram_size, 2))
-            for i, captions in zip(from_tags, decode_features(decoder, vocab, tag_vectors, tag_decode, n_best)):
-                results[i] = [replace(c, from_tags=True) for c in captions]
+            tag_vectors, renames = self.borrowing.lend(decoder.tag_vector(class_probs[rows]).cpu())
+            # Captions from a few tags repeat their nouns ("a sink and a sink"): each content word once.
+            captions = decode_features(OnceOnlyWords(decoder, vocab), vocab, tag_vectors.to(features.device),
+                                       decode, n_best)
+            for i, image_captions, image_renames in zip(from_tags, captions, renames):
+                results[i] = [replace(c, text=self.borrowing.rename(c.text, image_renames), from_tags=True)
+                              for c in image_captions]
         for captions, image_tags, image_confidence, image_unsure in zip(
                 results, self.concept_words.tags(class_probs), confidence, unsure):
             for caption in captions:

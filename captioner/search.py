@@ -1,12 +1,27 @@
-"""Decoding: greedy and beam search, both batched over images (beam search over images x beams).
+"""Decoding: greedy, beam and constrained beam search, all batched (beam search over images x beams,
+constrained beam search over images x constraint states x beams).
 
 A model here is anything with `init_state(features) -> state` and
 `step(last_tokens [N], state) -> (log_probs [N, V], state)`, the state's batch on dim 1.
-Neither path ever emits <pad>, <bos> or <unk>; both block repeated n-grams and respect a
-minimum length; when no beam ends by `max_length`, the best unfinished hypothesis is returned.
+No path ever emits <pad>, <bos> or <unk>; all block repeated n-grams and respect a minimum
+length; when no beam ends by `max_length`, the best unfinished hypothesis is returned.
+
+Scores. A hypothesis's length is its number of words + 1, finished or not: the <eos> a finished
+caption emitted, or the one a caption cut at `max_length` still lacks. It is ranked by
+`log_prob / length**length_penalty` (the log-probability alone at penalty 0).
+
+When beam search stops. At penalty 0 an image stops once `beam_size` hypotheses have finished
+(the rule this module always had; a live beam can still be better than a finished one, so it is
+not exact, but captions at penalty 0 are kept as they were). At a penalty above 0 a longer caption
+can outscore a shorter one, so an image stops only once it has `n_best` finished hypotheses and no
+live beam can still beat the worst of them: the longest caption that can still finish has length
+`max_length`, and log-probs only fall, so a live beam's best reachable score is its log-prob /
+max_length**length_penalty (the bound of Hugging Face's `early_stopping=False`). The result is then
+exactly what running every beam to `max_length` would return.
 """
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 
@@ -21,13 +36,13 @@ NEVER_EMITTED = (PAD_ID, BOS_ID, UNK_ID)
 @dataclass
 class Hypothesis:
     tokens: list[int]  # generated ids, without <bos> and <eos>
-    score: float  # log_prob / length**length_penalty; what hypotheses are ranked by
+    score: float  # log_prob / (words + 1)**length_penalty; what hypotheses are ranked by
     log_prob: float
     finished: bool  # ended with <eos> (False: cut at max_length)
 
 
-def _normalised(log_prob: float, length: int, length_penalty: float) -> float:
-    return log_prob / (max(length, 1) ** length_penalty) if length_penalty else log_prob
+def _normalised(log_prob: float, words: int, length_penalty: float) -> float:
+    return log_prob / (words + 1) ** length_penalty if length_penalty else log_prob
 
 
 def _mask(log_probs: torch.Tensor, generated: torch.Tensor | None, step: int, min_length: int,
@@ -69,8 +84,7 @@ def greedy_search(model, features: torch.Tensor, max_length: int = 20, min_lengt
     for row, total in zip(tokens[:, 1:].tolist(), log_prob.tolist()):
         finished = EOS_ID in row
         words = row[:row.index(EOS_ID)] if finished else row
-        length = len(words) + finished
-        hypotheses.append(Hypothesis(words, _normalised(total, length, length_penalty), total, finished))
+        hypotheses.append(Hypothesis(words, _normalised(total, len(words), length_penalty), total, finished))
     return hypotheses
 
 
@@ -99,41 +113,125 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
                 n_best: int = 1) -> list[list[Hypothesis]]:
     """The `n_best` (<= beam_size) best hypotheses per image, best first.
 
-    A hypothesis is finished when <eos> ranks among the top `beam_size` candidates of a step;
-    an image is done when it has `beam_size` finished hypotheses or reaches `max_length`.
+    A hypothesis is finished when <eos> ranks among the top `beam_size` candidates of a step; when
+    an image stops is in the module docstring.
     """
+    return [hyps for hyps, _ in _search(model, features, None, torch.zeros(features.size(0), dtype=torch.long),
+                                        beam_size, max_length, min_length, no_repeat_ngram_size,
+                                        length_penalty, n_best)]
+
+
+@dataclass
+class ConstrainedHypothesis(Hypothesis):
+    satisfied: int  # how many of the image's word sets the caption contains
+
+
+MAX_WORD_SETS = 2  # states, and so the decoding cost, grow as 2**sets
+
+
+@torch.inference_mode()
+def constrained_beam_search(model, features: torch.Tensor, constraints: list[list[list[int]]], beam_size: int = 3,
+                            max_length: int = 20, min_length: int = 1, no_repeat_ngram_size: int = 0,
+                            length_penalty: float = 0.0, n_best: int = 1) -> list[list[ConstrainedHypothesis]]:
+    """Beam search whose captions must contain a word of each set (Anderson et al. 2017, nocaps' baseline).
+
+    `constraints[i]` lists image i's word sets (at most two), each a list of token ids (forms of one
+    word, e.g. "dog" and "dogs"); a caption satisfies a set when it contains any of its ids. An
+    image without sets gets exactly `beam_search`'s captions. A finite-state machine tracks which
+    sets a hypothesis has satisfied (one state per subset) and each state keeps its own beam of
+    `beam_size`; hypotheses may end in any state, but the image is decoded, ranked and stopped
+    like `beam_search` on the all-satisfied state's finished hypotheses alone. When that state has
+    fewer than `n_best` finished by `max_length`, its unfinished ones fill in; when it has none at
+    all, the best hypotheses of the most-satisfied state that has any are returned instead
+    (`satisfied` says how many sets they contain).
+    """
+    if len(constraints) != features.size(0):
+        raise ValueError(f"{len(constraints)} constraint lists for {features.size(0)} images")
+    if any(len(sets) > MAX_WORD_SETS for sets in constraints):
+        raise ValueError(f"at most {MAX_WORD_SETS} word sets per image")
+    if any(not ids for sets in constraints for ids in sets):
+        raise ValueError("an empty word set can never be satisfied")
+    if any(token in (*NEVER_EMITTED, EOS_ID) for sets in constraints for ids in sets for token in ids):
+        raise ValueError("constraint ids must be words, not <pad>, <bos>, <eos> or <unk>")
+    word_bits: dict[tuple[int, int], int] = {}  # (image, token id) -> the sets it satisfies, one bit each
+    for image, sets in enumerate(constraints):
+        for bit, ids in enumerate(sets):
+            for token in ids:
+                word_bits[image, int(token)] = word_bits.get((image, int(token)), 0) | 1 << bit
+    goal = torch.tensor([(1 << len(sets)) - 1 for sets in constraints], dtype=torch.long)
+    return [[ConstrainedHypothesis(h.tokens, h.score, h.log_prob, h.finished, satisfied) for h in hyps]
+            for hyps, satisfied in _search(model, features, word_bits, goal, beam_size, max_length, min_length,
+                                           no_repeat_ngram_size, length_penalty, n_best)]
+
+
+def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_size, max_length, min_length,
+            no_repeat_ngram_size, length_penalty, n_best) -> list[tuple[list[Hypothesis], int]]:
+    """Beam search over images x states x beams: a word moves a hypothesis from state s to
+    s | word_bits[image, word] (a bit per word set), and each state keeps the best `beam_size`
+    that reach it. `goal[i]` is image i's all-satisfied state. Per image: the hypotheses, and how
+    many sets they satisfy. With no word sets there is one state and this is plain beam search."""
     batch, k, device = features.size(0), beam_size, features.device
     n_best = min(n_best, k)
-    state = select_state(model.init_state(features), torch.arange(batch, device=device).repeat_interleave(k))
-    tokens = torch.full((batch * k, 1), BOS_ID, dtype=torch.long, device=device)
-    scores = torch.full((batch, k), -math.inf, device=device)
-    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    goals = goal.tolist()
+    n_states = 1 << max(goals, default=0).bit_length()
+    width = n_states * k  # rows per image
+    state = select_state(model.init_state(features), torch.arange(batch, device=device).repeat_interleave(width))
+    tokens = torch.full((batch * width, 1), BOS_ID, dtype=torch.long, device=device)
+    scores = torch.full((batch, n_states, k), -math.inf, device=device)
+    scores[:, 0, 0] = 0.0  # all beams start identical in the empty state: expand only the first
     alive = torch.arange(batch)  # which image each row block belongs to
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
+    finished = [[[] for _ in range(n_states)] for _ in range(batch)]  # per image, per state
+    goal_finished = torch.zeros(batch, dtype=torch.long)
+    kept_worst = torch.full((batch,), -math.inf)  # n_best-th best finished score in the goal state
+    longest = max_length ** length_penalty  # a finished caption's length is at most max_length
     positions = torch.arange(2 * k, device=device)
+    cut = [[[] for _ in range(n_states)] for _ in range(batch)]  # per image, per state: unfinished at max_length
+    bits = None  # [batch, V]: word_bits as a table, once the vocabulary size is known
+    columns = None  # [batch, C]: each image's constraint ids, padded with <pad>
 
     for step in range(max_length):
         n = alive.numel()
         log_probs, state = model.step(tokens[:, -1], state)
         log_probs = _mask(log_probs, tokens[:, 1:], step, min_length, no_repeat_ngram_size)
         vocab = log_probs.size(1)
-        candidates = (scores.view(-1, 1) + log_probs).view(n, k * vocab)
-        top_scores, top_index = candidates.topk(min(2 * k, k * vocab), dim=1)
-        origin, word = top_index // vocab, top_index % vocab
+        if bits is None and n_states > 1:
+            bits, columns = (t.to(device) for t in _bits_table(word_bits, batch, vocab))
+        total = (scores.view(-1, 1) + log_probs).view(n, n_states, k, vocab)
+        if n_states == 1:
+            top_scores, top_index = total.view(n, 1, k * vocab).topk(min(2 * k, k * vocab), dim=2)  # [n, 1, 2k]
+            origin, word = top_index // vocab, top_index % vocab  # origin: a row of the image's block
+        else:
+            top_scores, origin, word = _constrained_top(total, bits[alive.to(device)], columns[alive.to(device)], 2 * k)
         ends = (word == EOS_ID) & torch.isfinite(top_scores)
 
-        for i, j in ends[:, :k].nonzero().tolist():
-            words = tokens[i * k + origin[i, j], 1:].tolist()
-            total = top_scores[i, j].item()
-            finished[alive[i]].append(Hypothesis(words, _normalised(total, len(words) + 1, length_penalty), total, True))
+        ended = ends[:, :, :k].nonzero()
+        if ended.numel():
+            row, to, j = ended.unbind(1)
+            sequences = tokens[row * width + origin[row, to, j], 1:].tolist()
+            reached = set()
+            for image, s, total_lp, words in zip(alive[row.cpu()].tolist(), to.tolist(),
+                                                 top_scores[row, to, j].tolist(), sequences):
+                finished[image][s].append(Hypothesis(words, _normalised(total_lp, len(words), length_penalty),
+                                                     total_lp, True))
+                if s == goals[image]:
+                    goal_finished[image] += 1
+                    reached.add(image)
+            for image in reached:
+                if length_penalty and goal_finished[image] >= n_best:
+                    kept_worst[image] = heapq.nlargest(n_best, (h.score for h in finished[image][goals[image]]))[-1]
 
-        order = (ends.long() * (2 * k) + positions[: ends.size(1)]).argsort(dim=1)[:, :k]  # first k that go on
-        scores = top_scores.gather(1, order).masked_fill(ends.gather(1, order), -math.inf)
-        rows = (torch.arange(n, device=device).unsqueeze(1) * k + origin.gather(1, order)).view(-1)
-        tokens = torch.cat([tokens[rows], word.gather(1, order).view(-1, 1)], dim=1)
+        order = (ends.long() * (2 * k) + positions[:ends.size(2)]).argsort(dim=2)[:, :, :k]  # first k that go on
+        scores = top_scores.gather(2, order).masked_fill(ends.gather(2, order), -math.inf)
+        rows = (torch.arange(n, device=device).view(n, 1, 1) * width + origin.gather(2, order)).view(-1)
+        tokens = torch.cat([tokens[rows], word.gather(2, order).view(-1, 1)], dim=1)
         state = select_state(state, rows)
 
-        done = torch.tensor([len(finished[b]) >= k for b in alive.tolist()]) | ~torch.isfinite(scores).any(1).cpu()
+        best_live = scores.view(n, -1).max(1).values.cpu()
+        if length_penalty:
+            done = (goal_finished[alive] >= n_best) & (kept_worst[alive] >= best_live / longest)
+        else:
+            done = goal_finished[alive] >= k
+        done |= best_live == -math.inf
         if done.all():
             break
         if done.any():
@@ -141,14 +239,64 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
             alive = alive[keep]
             keep = keep.to(device)
             scores = scores[keep]
-            rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+            rows = (keep.unsqueeze(1) * width + torch.arange(width, device=device)).view(-1)
             tokens, state = tokens[rows], select_state(state, rows)
-    else:
-        for i, b in enumerate(alive.tolist()):  # reached max_length: unfinished beams fill in
-            if len(finished[b]) < n_best:
-                for j in range(k):
-                    total = scores[i, j].item()
-                    if math.isfinite(total):
-                        words = tokens[i * k + j, 1:].tolist()
-                        finished[b].append(Hypothesis(words, _normalised(total, len(words), length_penalty), total, False))
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
+    else:  # reached max_length: the live beams are the unfinished hypotheses
+        for i, image in enumerate(alive.tolist()):
+            for r, (total_lp, words) in enumerate(zip(scores[i].view(-1).tolist(),
+                                                      tokens[i * width:(i + 1) * width, 1:].tolist())):
+                if math.isfinite(total_lp):
+                    cut[image][r // k].append(Hypothesis(words, _normalised(total_lp, len(words), length_penalty),
+                                                         total_lp, False))
+
+    results = []
+    for image, target in enumerate(goals):
+        pool = finished[image][target] + (cut[image][target] if len(finished[image][target]) < n_best else [])
+        satisfied = bin(target).count("1")
+        while not pool and satisfied:  # goal never reached: the most-satisfied states that have anything
+            satisfied -= 1
+            pool = [h for s in range(n_states) if s & target == s and bin(s).count("1") == satisfied
+                    for h in finished[image][s] + cut[image][s]]
+        results.append((sorted(pool, key=lambda h: h.score, reverse=True)[:n_best], satisfied))
+    return results
+
+
+def _constrained_top(total: torch.Tensor, bits: torch.Tensor, columns: torch.Tensor, count: int):
+    """The best `count` moves into each state, from total [n, states, k, V] (log-prob of every beam
+    and next word) -> scores, origin (a row of the image's states x k block) and word, each [n, states, count].
+
+    A word moves a beam from state s to s | bits[word]. Most words leave it where it is: those
+    candidates are the state's own k x V block, masked where the word would move it on; the few
+    that move it (the image's constraint ids, `columns`) are gathered from every state."""
+    n, n_states, k, vocab = total.shape
+    states = torch.arange(n_states, device=total.device).view(1, n_states, 1)
+    stays = (states | bits.unsqueeze(1)) == states  # [n, state, V]
+    same = total.masked_fill(~stays.unsqueeze(2), -math.inf).view(n, n_states, k * vocab)
+    moves = total.gather(3, columns.view(n, 1, 1, -1).expand(n, n_states, k, -1))  # [n, from, k, C]
+    target = states | bits.gather(1, columns).unsqueeze(1)  # [n, from, C]
+    lands = (target.unsqueeze(1) == states.unsqueeze(3)) & (target != states).unsqueeze(1)  # [n, to, from, C]
+    cross = moves.unsqueeze(1).masked_fill(~lands.unsqueeze(3), -math.inf).view(n, n_states, -1)
+    candidates = torch.cat([same, cross], dim=2)
+    top_scores, index = candidates.topk(min(count, candidates.size(2)), dim=2)
+    own = index < k * vocab
+    moved = (index - k * vocab).clamp(min=0)  # from * k * C + beam * C + column
+    width = columns.size(1)
+    origin = torch.where(own, states * k + index // vocab, moved // width)
+    word = torch.where(own, index % vocab, columns.gather(1, (moved % width).view(n, -1)).view_as(moved))
+    return top_scores, origin, word
+
+
+def _bits_table(word_bits: dict[tuple[int, int], int], batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[batch, V]: the bits of the sets each token id satisfies; [batch, C]: each image's constraint
+    ids, padded with <pad> (no bits, never emitted)."""
+    if any(not 0 <= token < vocab for _, token in word_bits):
+        raise ValueError(f"constraint token ids must lie in [0, {vocab})")
+    table = torch.zeros(batch, vocab, dtype=torch.long)
+    ids: list[list[int]] = [[] for _ in range(batch)]
+    for (image, token), bit in word_bits.items():
+        table[image, token] = bit
+        ids[image].append(token)
+    columns = torch.full((batch, max(map(len, ids))), PAD_ID, dtype=torch.long)
+    for image, tokens in enumerate(ids):
+        columns[image, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    return table, columns

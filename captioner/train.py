@@ -1,10 +1,13 @@
-"""Training, top to bottom: data -> cached features -> vocabulary -> decoder -> epochs with dev BLEU.
+"""Training, top to bottom: open the run (or resume it) -> data (cached features, vocabulary, captions)
+-> decoder, optimizer and learning-rate schedule -> epochs, each scored on dev -> checkpoints.
 
 train.objective picks the loss: cross-entropy on the reference captions (xe), or self-critical
 fine-tuning of a trained model (scst, captioner/scst.py) starting from train.init_from.
 
 The run folder gets config.yaml, metrics.jsonl, curves.png, last.pt (everything --resume
-needs) and best.pt (best dev BLEU-4). Checkpoints are written atomically.
+needs: optimizer, schedule, random states) and best.pt (best dev BLEU-4). Files are written
+atomically (files.py). A resumed run keeps its own config: only the settings in RESUMABLE may
+differ from it, any other difference is refused rather than silently ignored.
 
 Under torchrun the same loop runs DistributedDataParallel: each rank encodes a shard of the
 images, takes its share of every global batch (train.batch_size is the global batch), and
@@ -13,111 +16,200 @@ code with world size 1.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import random
 import sys
 import time
-from dataclasses import asdict, replace
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 import yaml
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, LRScheduler, SequentialLR
 from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .confidence import DomainProfile
 from .config import Config
-from .data import CaptionDataset, ImageRecord, load_dataset
+from .data import ImageRecord, load_dataset
 from .decoder import build_decoder
-from .distributed import SINGLE, Ranks, all_gather, setup, shard, teardown, unshard, unshard_features
-from .encoder import Encoder, encoder_from_config
-from .features import FeatureTable, cached_features
-from .inference import decode_features
-from .metrics import caption_scores
+from .distributed import Ranks, all_gather, setup, shard, teardown
+from .evaluate import evaluate_features, prepare_features, readable
+from .files import plot_curves, read_metrics, write_metrics, write_text_atomic
 from .scst import SelfCriticalLoss
 from .text import Vocabulary, tokenize
+
+# What --resume takes from the command line; every other setting must be the run's own.
+RESUMABLE = ("train.epochs", "train.patience", "train.device", "train.threads", "train.cache_dir")
 
 
 class TrainingError(RuntimeError):
     pass
 
 
-def prepare_features(config: Config, dataset: CaptionDataset, device, progress: bool = True,
-                     encoder: Encoder | None = None, ranks: Ranks = SINGLE) -> tuple[FeatureTable, dict]:
-    """Encode every image of every split once (or read the cache); returns the table and encoder info.
-
-    Under torchrun each rank encodes (and caches) its shard of the images, then all ranks
-    exchange them, so a rerun with the same number of processes reads its shard from the cache.
-    """
-    encoder = encoder or encoder_from_config(config.encoder)
-    paths = shard(sorted({str(r.path) for records in dataset.splits.values() for r in records}), ranks)
-    table = cached_features(encoder, paths, config.train.cache_dir, config.encoder.batch_size,
-                            config.encoder.num_workers, device, progress and ranks.is_main,
-                            grid=config.decoder.attention)
-    table = unshard_features(table, ranks) if ranks.distributed else table
-    for reason in table.failed.values() if ranks.is_main else ():
-        print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
-    info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
-            "feature_dim": encoder.feature_dim}
-    return table, info
+def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
+    ranks, device = setup(config.train.device)
+    try:
+        return _train(config, resume, progress, ranks, device)
+    finally:
+        teardown()
 
 
-def readable(records: list[ImageRecord], table: FeatureTable) -> list[ImageRecord]:
-    return [r for r in records if str(r.path) not in table.failed]
+def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: torch.device) -> Path:
+    log = (lambda message: print(message, file=sys.stderr)) if ranks.is_main else (lambda message: None)
+    config, state = open_run(config, resume, ranks, log)
+    data = load_training_data(config, state, device, progress, ranks, log)
+    learner = build_learner(config, data, device)
+    standing = restore_training(state, learner, config, ranks, device, log) if state else Standing()
+    if ranks.distributed:
+        learner.model = nn.parallel.DistributedDataParallel(learner.decoder,
+                                                            device_ids=[device] if device.type == "cuda" else None)
+
+    dev_decode = replace(config.decode, beam_size=config.train.dev_beam_size)
+    for epoch in range(standing.epoch + 1, config.train.epochs + 1):
+        if config.train.patience and standing.bad_epochs >= config.train.patience:
+            break
+        started = time.perf_counter()
+        train_loss, reward = train_epoch(learner, data, config, epoch, ranks, device, progress)
+        train_seconds = time.perf_counter() - started
+        dev, _ = evaluate_features(learner.decoder, data.vocab, data.dev_features, data.dev_records, dev_decode,
+                                   device, ranks=ranks)
+        record = {"epoch": epoch, "train_loss": train_loss, "lr": learner.scheduler.get_last_lr()[0],
+                  **({"train_reward": round(reward, 5)} if learner.self_critical else {}),
+                  "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
+                  **{f"dev_{k}": round(v, 5) if v is not None else None for k, v in dev.items()}}
+        improved = standing.add(record, dev["bleu4"])
+        log(f"epoch {epoch}: loss {train_loss:.3f}"
+            + (f", sampled {learner.self_critical.name} {record['train_reward']:.3f}" if learner.self_critical else "")
+            + f", dev BLEU-4 {dev['bleu4']:.4f} (BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, "
+            f"{train_seconds:.0f}s")
+        save_epoch(config, data, learner, standing, improved, ranks, device)
+    best_path = Path(config.train.out_dir) / "best.pt"
+    log(f"best dev BLEU-4 {standing.best_bleu4:.4f}: {best_path}")
+    return best_path
+
+
+# --- the run: new, or resumed from last.pt ---------------------------------------------------------
+
+def open_run(config: Config, resume: bool, ranks: Ranks, log) -> tuple[Config, dict | None]:
+    """The run's config and, with --resume, the checkpoint it continues from; seeds torch, writes config.yaml."""
+    out_dir = Path(config.train.out_dir)
+    last_path = out_dir / "last.pt"
+    state = None
+    if resume:
+        if not last_path.is_file():
+            raise TrainingError(f"--resume: no {last_path} to resume from")
+        state = read_checkpoint(last_path)
+        if "training" not in state:
+            raise CheckpointError(f"{last_path}: has no training state to resume from")
+        config = resumed_config(config, Config.from_dict(state["config"], source=str(last_path)), last_path)
+        if state["training"].get("world_size", 1) != ranks.world_size:
+            log(f"note: {last_path} was trained with {state['training'].get('world_size', 1)} processes, resuming "
+                f"with {ranks.world_size}: same global batch, but dropout draws differ")
+    elif last_path.exists():
+        raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it, "
+                            f"or choose another train.out_dir")
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    torch.manual_seed(config.train.seed + ranks.rank)  # dropout draws differ per rank; data order does not
+    if ranks.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    return config, state
+
+
+def resumed_config(given: Config, saved: Config, last_path: Path) -> Config:
+    """The run's own config with the RESUMABLE settings (and the folder it is in) taken from `given`.
+
+    Any other setting of `given`, from --set or the config file, that differs from the run's is an
+    error: the weights, vocabulary and optimizer state were made under the run's config."""
+    run, here = _flat(saved.to_dict()), _flat(given.to_dict())
+    differ = [key for key in here if key not in (*RESUMABLE, "train.out_dir") and here[key] != run.get(key)]
+    if differ:
+        changes = "; ".join(f"{key}: the run's {run.get(key)!r}, here {here[key]!r}" for key in differ)
+        raise TrainingError(f"--resume: this config differs from the run's ({last_path}) in {changes}. A resumed run "
+                            f"keeps its config; only {', '.join(RESUMABLE)} can change. Resume with the run's own "
+                            f"config (--config {last_path.parent / 'config.yaml'}), or train into another "
+                            f"train.out_dir")
+    taken = {key.split(".", 1)[1]: here[key] for key in (*RESUMABLE, "train.out_dir")}
+    return replace(saved, train=replace(saved.train, **taken))
+
+
+def _flat(values: dict) -> dict:
+    return {f"{section}.{key}": value for section, settings in values.items() for key, value in settings.items()}
+
+
+def run_is_finished(out_dir: str | Path, config: Config) -> bool:
+    """Whether the run in out_dir has ended under config's epochs and patience, by the epoch loop's own
+    rule (a tie with the best dev BLEU-4 is no improvement): training it again would train nothing."""
+    if not (Path(out_dir) / "best.pt").is_file():
+        return False
+    scores = [row["dev_bleu4"] for row in read_metrics(out_dir)]
+    if not scores or len(scores) >= config.train.epochs:
+        return bool(scores)
+    since_best = len(scores) - 1 - scores.index(max(scores))
+    return bool(config.train.patience) and since_best >= config.train.patience
+
+
+# --- data: features of the readable images, vocabulary, captions as token ids -----------------------
+
+@dataclass
+class TrainingData:
+    dataset_name: str
+    encoder_info: dict
+    vocab: Vocabulary
+    train_records: list[ImageRecord]
+    dev_records: list[ImageRecord]
+    train_features: torch.Tensor
+    dev_features: torch.Tensor
+    domain: dict  # how familiar photos are to this model (confidence.py), stored in its checkpoints
+    tokens: torch.Tensor  # every training caption, <bos> words <eos>, padded: [captions, longest]
+    lengths: torch.Tensor  # each caption's length in tokens, <bos> and <eos> included
+    caption_images: torch.Tensor  # each caption's row in train_features
+    initial_weights: dict | None  # the decoder weights of train.init_from
+
+
+def load_training_data(config: Config, state: dict | None, device, progress: bool, ranks: Ranks,
+                       log) -> TrainingData:
+    dataset = load_dataset(config.data)
+    for note in dataset.notes:
+        log(f"note: {note}")
+    table, encoder_info = prepare_features(config, dataset, device, progress, ranks=ranks)
+    train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
+    initial = None
+    if state is not None:
+        vocab = Vocabulary(state["vocab"])
+    elif config.train.init_from:
+        vocab, initial = initial_weights(config, encoder_info)
+        log(f"starting from {config.train.init_from}")
+    else:
+        vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
+    train_features = table.lookup([r.path for r in train_records])
+    dev_features = table.lookup([r.path for r in dev_records])
+    domain = domain_profile(train_features, dev_features, config).to_dict()
+    tokens, caption_images = caption_tensor(train_records, vocab, config.data.max_caption_length)
+    log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
+        f"vocabulary {len(vocab)} words, device {device}"
+        + (f", {ranks.world_size} processes" if ranks.distributed else ""))
+    return TrainingData(dataset.name, encoder_info, vocab, train_records, dev_records, train_features, dev_features,
+                        domain, tokens, (tokens != vocab.pad).sum(1), caption_images, initial)
 
 
 def caption_tensor(records: list[ImageRecord], vocab: Vocabulary, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """All captions as one padded [N, max_words + 2] tensor (<bos> words <eos>) and each one's image row."""
+    """All captions as one padded tensor (<bos> words <eos>, at most max_words words) and each one's image row."""
     rows, images = [], []
     for image_index, record in enumerate(records):
         for caption in record.captions:
             ids = vocab.encode(tokenize(caption))[:max_words]
             if ids:
-                rows.append([vocab.bos, *ids, vocab.eos])
+                rows.append(torch.tensor([vocab.bos, *ids, vocab.eos]))
                 images.append(image_index)
-    tokens = torch.full((len(rows), max_words + 2), vocab.pad, dtype=torch.long)
-    for i, row in enumerate(rows):
-        tokens[i, : len(row)] = torch.tensor(row)
-    return tokens, torch.tensor(images)
-
-
-@torch.inference_mode()
-def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, records: list[ImageRecord], decode,
-                      device, batch_size: int = 256, progress: bool = False,
-                      ranks: Ranks = SINGLE) -> tuple[dict[str, float], list[str]]:
-    """Decode every image once, batched, and score it (BLEU-1..4, CIDEr-D, ROUGE-L) against all its references.
-
-    Under torchrun each rank decodes a shard and every rank scores the gathered captions.
-    """
-    decoder.eval()
-    mine = shard(features, ranks)
-    captions = []
-    for start in tqdm(range(0, len(mine), batch_size), desc="decoding", disable=not progress, file=sys.stderr):
-        batch = mine[start:start + batch_size].to(device)
-        captions += [hyps[0].text for hyps in decode_features(decoder, vocab, batch, decode)]
-    captions = unshard(captions, ranks)
-    references = [[tokenize(c) for c in r.captions] for r in records]
-    return caption_scores(references, [c.split() for c in captions]), captions
-
-
-def domain_profile(train_features: torch.Tensor, dev_features: torch.Tensor, config: Config) -> DomainProfile:
-    """How familiar photos are to a model trained on these features (pooled; for attention, the grid's mean)."""
-    if config.decoder.attention:
-        train_features, dev_features = train_features.float().mean(1), dev_features.float().mean(1)
-    return DomainProfile.fit(train_features, dev_features)
-
-
-def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainProfile:
-    """The familiarity profile of a model trained by `config`, from its data's train and dev photos."""
-    dataset = load_dataset(config.data)
-    table, _ = prepare_features(config, dataset, device, progress)
-    train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
-    return domain_profile(table.lookup([r.path for r in train_records]), table.lookup([r.path for r in dev_records]),
-                          config)
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.long), torch.tensor(images)
+    return pad_sequence(rows, batch_first=True, padding_value=vocab.pad), torch.tensor(images)
 
 
 def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dict]:
@@ -136,229 +228,205 @@ def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dic
     return vocab, source_decoder.state_dict()
 
 
-def run_is_finished(out_dir: str | Path, config: Config) -> bool:
-    """Whether the run in out_dir has ended under config's epochs and patience, by the epoch loop's own
-    rule (a tie with the best dev BLEU-4 is no improvement): training it again would train nothing."""
-    out_dir = Path(out_dir)
-    metrics = out_dir / "metrics.jsonl"
-    if not (out_dir / "best.pt").is_file() or not metrics.is_file():
-        return False
-    scores = [json.loads(line)["dev_bleu4"] for line in metrics.read_text().splitlines() if line.strip()]
-    if not scores or len(scores) >= config.train.epochs:
-        return bool(scores)
-    since_best = len(scores) - 1 - scores.index(max(scores))
-    return bool(config.train.patience) and since_best >= config.train.patience
+def domain_profile(train_features: torch.Tensor, dev_features: torch.Tensor, config: Config) -> DomainProfile:
+    """How familiar photos are to a model trained on these features (pooled; for attention, the grid's mean)."""
+    if config.decoder.attention:
+        train_features, dev_features = train_features.float().mean(1), dev_features.float().mean(1)
+    return DomainProfile.fit(train_features, dev_features)
 
 
-def lr_lambda(config: Config, total_steps: int):
-    warmup = config.train.warmup_steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if config.train.lr_schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def plot_curves(history: list[dict], path: Path, reward_name: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [h["epoch"] for h in history]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    if "train_reward" in history[-1]:  # self-critical: the loss is a policy gradient; the reward says more
-        left.plot(epochs, [h["train_reward"] for h in history], marker="o")
-        left.set(title="reward of sampled captions", xlabel="epoch", ylabel=reward_name)
-    else:
-        left.plot(epochs, [h["train_loss"] for h in history], marker="o")
-        left.set(title="training loss", xlabel="epoch", ylabel="cross-entropy")
-    right.plot(epochs, [h["dev_bleu4"] for h in history], marker="o", color="tab:green")
-    right.set(title="dev BLEU-4", xlabel="epoch", ylabel="BLEU-4 (nltk corpus_bleu)")
-    for axis in (left, right):
-        axis.grid(alpha=0.3)
-    figure.tight_layout()
-    temporary = path.with_name(f".{path.name}.tmp.png")
-    figure.savefig(temporary, dpi=100)
-    plt.close(figure)
-    os.replace(temporary, path)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
-
-
-def train(config: Config, resume: bool = False, progress: bool = True) -> Path:
-    ranks, device = setup(config.train.device)
-    try:
-        return _train(config, resume, progress, ranks, device)
-    finally:
-        teardown()
-
-
-def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: torch.device) -> Path:
-    out_dir = Path(config.train.out_dir)
-    last_path, best_path = out_dir / "last.pt", out_dir / "best.pt"
-    main = ranks.is_main
-    log = (lambda message: print(message, file=sys.stderr)) if main else (lambda message: None)
-    state = None
-    if resume:
-        if not last_path.is_file():
-            raise TrainingError(f"--resume: no {last_path} to resume from")
-        state = read_checkpoint(last_path)
-        if "training" not in state:
-            raise CheckpointError(f"{last_path}: has no training state to resume from")
-        saved = Config.from_dict(state["config"], source=str(last_path))
-        config = replace(saved, train=replace(saved.train, epochs=config.train.epochs, patience=config.train.patience,
-                                              device=config.train.device, threads=config.train.threads))
-        if state["training"].get("world_size", 1) != ranks.world_size:
-            log(f"note: {last_path} was trained with {state['training'].get('world_size', 1)} processes, resuming "
-                f"with {ranks.world_size}: same global batch, but dropout draws differ")
-    elif last_path.exists():
-        raise TrainingError(f"{out_dir} already holds a run; pass --resume to continue it, "
-                            f"or choose another train.out_dir")
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    random.seed(config.train.seed)
-    torch.manual_seed(config.train.seed + ranks.rank)  # dropout draws differ per rank; data order does not
-    if main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-
+def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainProfile:
+    """The familiarity profile of a model trained by `config`, from its data's train and dev photos."""
     dataset = load_dataset(config.data)
-    for note in dataset.notes:
-        log(f"note: {note}")
-    table, encoder_info = prepare_features(config, dataset, device, progress, ranks=ranks)
+    table, _ = prepare_features(config, dataset, device, progress)
     train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
-    initial = None
-    if state is not None:
-        vocab = Vocabulary(state["vocab"])
-    elif config.train.init_from:
-        vocab, initial = initial_weights(config, encoder_info)
-        log(f"starting from {config.train.init_from}")
-    else:
-        vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
-    train_features = table.lookup([r.path for r in train_records])
-    dev_features = table.lookup([r.path for r in dev_records])
-    domain = domain_profile(train_features, dev_features, config).to_dict()
-    tokens, image_rows = caption_tensor(train_records, vocab, config.data.max_caption_length)
-    log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
-        f"vocabulary {len(vocab)} words, device {device}"
-        + (f", {ranks.world_size} processes" if ranks.distributed else ""))
+    return domain_profile(table.lookup([r.path for r in train_records]), table.lookup([r.path for r in dev_records]),
+                          config)
 
-    decoder = build_decoder(len(vocab), encoder_info["feature_dim"], config.decoder).to(device)
-    if initial is not None:
-        decoder.load_state_dict(initial)
+
+# --- the model: decoder, loss, optimizer, schedule --------------------------------------------------
+
+@dataclass
+class Learner:
+    decoder: nn.Module  # the weights that are saved
+    model: nn.Module  # the decoder, or under torchrun the DistributedDataParallel wrapping it
+    optimizer: torch.optim.Optimizer
+    scheduler: LRScheduler
+    loss_fn: nn.Module
+    self_critical: SelfCriticalLoss | None
+    batch_units: int  # what train.batch_size counts: captions (xe) or images, each sampled several times (scst)
+    steps_per_epoch: int
+
+
+def build_learner(config: Config, data: TrainingData, device) -> Learner:
+    decoder = build_decoder(len(data.vocab), data.encoder_info["feature_dim"], config.decoder).to(device)
+    if data.initial_weights is not None:
+        decoder.load_state_dict(data.initial_weights)
     self_critical = None
     if config.train.objective == "scst":
-        self_critical = SelfCriticalLoss([[tokenize(c) for c in r.captions] for r in train_records], vocab,
+        self_critical = SelfCriticalLoss([[tokenize(c) for c in r.captions] for r in data.train_records], data.vocab,
                                          config.train.samples_per_image, config.decode.max_length,
                                          config.decode.min_length, config.train.reward_bleu_weight)
-    # A batch is train.batch_size captions (xe) or images, each sampled samples_per_image times (scst).
-    batch_units = len(train_records) if self_critical else len(tokens)
+    batch_units = len(data.train_records) if self_critical else len(data.tokens)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     steps_per_epoch = math.ceil(batch_units / config.train.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps_per_epoch * config.train.epochs))
-    # Summed here and divided by the global batch's token count below, so that the gradient
+    scheduler = learning_rate_schedule(optimizer, config, steps_per_epoch * config.train.epochs)
+    # Summed here and divided by the global batch's token count in train_epoch, so that the gradient
     # DDP averages over ranks equals the single-process gradient of the same global batch.
-    loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=config.train.label_smoothing,
+    loss_fn = nn.CrossEntropyLoss(ignore_index=data.vocab.pad, label_smoothing=config.train.label_smoothing,
                                   reduction="sum")
-    history: list[dict] = []
-    best_bleu4, bad_epochs, start_epoch = -1.0, 0, 1
-    if state is not None:
-        training = state["training"]
-        decoder.load_state_dict(state["decoder"])
-        optimizer.load_state_dict(training["optimizer"])
-        scheduler.load_state_dict(training["scheduler"])
-        rng_states = training.get("rng_per_rank") or [training["rng"]]
-        torch.set_rng_state(rng_states[ranks.rank] if ranks.rank < len(rng_states) else rng_states[0])
-        history, best_bleu4 = list(training["history"]), float(training["best_bleu4"])
-        bad_epochs, start_epoch = int(training["bad_epochs"]), int(training["epoch"]) + 1
-        log(f"resuming {out_dir} after epoch {start_epoch - 1} (best dev BLEU-4 {best_bleu4:.4f})")
-    model = decoder
-    if ranks.distributed:
-        model = nn.parallel.DistributedDataParallel(decoder, device_ids=[device] if device.type == "cuda" else None)
+    return Learner(decoder, decoder, optimizer, scheduler, loss_fn, self_critical, batch_units, steps_per_epoch)
 
-    dev_decode = replace(config.decode, beam_size=config.train.dev_beam_size)
-    for epoch in range(start_epoch, config.train.epochs + 1):
-        if config.train.patience and bad_epochs >= config.train.patience:
-            break
-        started = time.perf_counter()
-        model.train()
-        if self_critical:  # it samples and scores with the same network: no dropout
-            for module in decoder.modules():
-                if isinstance(module, nn.Dropout):
-                    module.eval()
-        order = torch.randperm(batch_units, generator=torch.Generator().manual_seed(config.train.seed * 1000 + epoch))
-        loss_sum, token_count, reward_sum = torch.zeros((), dtype=torch.float64), 0, 0.0
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}/{config.train.epochs}", disable=not (progress and main),
-                   file=sys.stderr)
-        for step in bar:
-            global_batch = order[step * config.train.batch_size:(step + 1) * config.train.batch_size]
-            batch, weight = shard(global_batch, ranks), 1.0
-            if len(batch) == 0:  # a last global batch smaller than the world: still join the all-reduce
-                batch, weight = global_batch[:1], 0.0
-            if self_critical is None:
-                global_count = int((tokens[global_batch, 1:] != vocab.pad).sum())  # the loss is per token
-                captions = tokens[batch]
-                captions = captions[:, : int((captions != vocab.pad).sum(1).max())].to(device)
-                features = train_features[image_rows[batch]].to(device)
-                logits = model(features, captions[:, :-1])
-                summed = weight * loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
-            else:  # the loss is per sampled caption (its words' log-probabilities summed)
-                global_count = len(global_batch) * config.train.samples_per_image
-                summed, reward = self_critical(model, decoder, train_features[batch].to(device), batch)
-                summed, reward_sum = weight * summed, reward_sum + weight * reward * len(batch)
-            loss = summed * ranks.world_size / global_count
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.train.grad_clip:
-                nn.utils.clip_grad_norm_(decoder.parameters(), config.train.grad_clip)
-            optimizer.step()
+
+def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: Config, total_steps: int) -> LRScheduler:
+    """train.warmup_steps of linear warmup to train.lr, then (train.lr_schedule) cosine decay to 5% of it
+    at total_steps, or constant."""
+    warmup = config.train.warmup_steps
+    if config.train.lr_schedule == "constant":  # LinearLR holds its end value once warmed up
+        return LinearLR(optimizer, start_factor=1 / warmup if warmup > 0 else 1.0, total_iters=max(warmup - 1, 0))
+    if warmup <= 0:
+        return CosineAnnealingLR(optimizer, T_max=max(1, total_steps), eta_min=0.05 * config.train.lr)
+    warm = LinearLR(optimizer, start_factor=1 / warmup, total_iters=warmup - 1)
+    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=0.05 * config.train.lr)
+    return SequentialLR(optimizer, [warm, cosine], milestones=[warmup])
+
+
+# --- resuming: weights, optimizer, schedule, random states, the log so far ---------------------------
+
+@dataclass
+class Standing:
+    """The epochs so far: their metrics rows, the best dev BLEU-4 and how many epochs since it improved."""
+    history: list[dict] = field(default_factory=list)
+    best_bleu4: float = -1.0
+    bad_epochs: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    def add(self, record: dict, dev_bleu4: float) -> bool:
+        """Log an epoch; whether its dev BLEU-4 (unrounded) improved on the best (a tie does not)."""
+        self.history.append(record)
+        improved = dev_bleu4 > self.best_bleu4
+        self.best_bleu4, self.bad_epochs = (dev_bleu4, 0) if improved else (self.best_bleu4, self.bad_epochs + 1)
+        return improved
+
+
+def restore_training(state: dict, learner: Learner, config: Config, ranks: Ranks, device, log) -> Standing:
+    training = state["training"]
+    learner.decoder.load_state_dict(state["decoder"])
+    learner.optimizer.load_state_dict(training["optimizer"])
+    saved_epochs = state["config"]["train"]["epochs"]
+    if saved_epochs == config.train.epochs and set(training["scheduler"]) == set(learner.scheduler.state_dict()):
+        learner.scheduler.load_state_dict(training["scheduler"])
+    else:  # train.epochs changed, or a schedule of an older version: the schedule is a function of the step
+        if saved_epochs != config.train.epochs:
+            log(f"note: train.epochs {saved_epochs} -> {config.train.epochs}: the learning-rate schedule now spans "
+                f"{config.train.epochs} epochs")
+        fast_forward(learner.scheduler, int(training["epoch"]) * learner.steps_per_epoch)
+    restore_random_states(training, ranks, device)
+    standing = Standing(list(training["history"]), float(training["best_bleu4"]), int(training["bad_epochs"]))
+    log(f"resuming {Path(config.train.out_dir)} after epoch {standing.epoch} "
+        f"(best dev BLEU-4 {standing.best_bleu4:.4f})")
+    return standing
+
+
+def random_states(ranks: Ranks, device) -> dict:
+    """Every rank's random state (dropout and sampling draw from it): the CPU's, and its GPU's when it trains
+    on one. Every rank must call this."""
+    states = {"rng_per_rank": all_gather(torch.get_rng_state(), ranks)}
+    if device.type == "cuda":
+        states["cuda_rng_per_rank"] = all_gather(torch.cuda.get_rng_state(device), ranks)
+    return states
+
+
+def restore_random_states(training: dict, ranks: Ranks, device) -> None:
+    def this_ranks(states: list):
+        return states[ranks.rank] if ranks.rank < len(states) else states[0]
+
+    torch.set_rng_state(this_ranks(training.get("rng_per_rank") or [training["rng"]]))
+    if training.get("cuda_rng_per_rank") and device.type == "cuda":
+        torch.cuda.set_rng_state(this_ranks(training["cuda_rng_per_rank"]), device)
+
+
+def fast_forward(scheduler: LRScheduler, steps: int) -> None:
+    """Step a new schedule to `steps`: its learning rate is then what a run begun with it would have there."""
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+        group["lr"] = lr  # the restored optimizer holds the old schedule's
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()": nothing is trained here
+        for _ in range(steps):
             scheduler.step()
-            loss_sum += summed.detach().double().cpu()
-            token_count += global_count
-            if step % 20 == 0 and main:
-                bar.set_postfix(loss=f"{float(loss_sum) * ranks.world_size / token_count:.3f}",
-                                lr=f"{scheduler.get_last_lr()[0]:.2e}")
-        bar.close()
-        train_seconds = time.perf_counter() - started
-        train_loss = sum(all_gather(float(loss_sum), ranks)) / max(token_count, 1)
-        reward = {"train_reward": round(sum(all_gather(reward_sum, ranks)) / batch_units, 5)} if self_critical else {}
 
-        dev, _ = evaluate_features(decoder, vocab, dev_features, dev_records, dev_decode, device, ranks=ranks)
-        record = {"epoch": epoch, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0],
-                  **reward, "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
-                  **{f"dev_{k}": round(v, 5) if v is not None else None for k, v in dev.items()}}
-        history.append(record)
-        improved = dev["bleu4"] > best_bleu4
-        best_bleu4, bad_epochs = (dev["bleu4"], 0) if improved else (best_bleu4, bad_epochs + 1)
-        log(f"epoch {epoch}: loss {record['train_loss']:.3f}"
-            + (f", sampled {self_critical.name} {reward['train_reward']:.3f}" if reward else "") + f", dev BLEU-4 {dev['bleu4']:.4f} "
-            f"(BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, {train_seconds:.0f}s")
 
-        rng_per_rank = all_gather(torch.get_rng_state(), ranks)
-        if main:
-            provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
-                          "train_images": len(train_records), "epoch": epoch, "dev": record,
-                          "processes": ranks.world_size,
-                          "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                          "torch": str(torch.__version__)}
-            training = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "rng": rng_per_rank[0], "rng_per_rank": rng_per_rank, "world_size": ranks.world_size,
-                        "history": history, "best_bleu4": best_bleu4, "bad_epochs": bad_epochs}
-            if improved:
-                save_checkpoint(best_path, config, vocab, decoder, encoder_info, provenance, domain=domain)
-            save_checkpoint(last_path, config, vocab, decoder, encoder_info, provenance, training=training,
-                            domain=domain)
-            write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
-            plot_curves(history, out_dir / "curves.png", self_critical.name if self_critical else "")
-    log(f"best dev BLEU-4 {best_bleu4:.4f}: {best_path}")
-    return best_path
+# --- an epoch --------------------------------------------------------------------------------------
+
+def train_epoch(learner: Learner, data: TrainingData, config: Config, epoch: int, ranks: Ranks, device,
+                progress: bool) -> tuple[float, float]:
+    """One pass in this epoch's order; the mean loss (per token, or per sampled caption for scst) and the
+    mean reward of the sampled captions (scst; else 0)."""
+    decoder, model, self_critical = learner.decoder, learner.model, learner.self_critical
+    model.train()
+    if self_critical:  # it samples and scores with the same network: no dropout
+        for module in decoder.modules():
+            if isinstance(module, nn.Dropout):
+                module.eval()
+    batch_size = config.train.batch_size
+    epoch_order = torch.Generator().manual_seed(config.train.seed * 1000 + epoch)  # the same on every rank
+    order = torch.randperm(learner.batch_units, generator=epoch_order)
+    loss_sum, count, reward_sum = torch.zeros((), dtype=torch.float64), 0, 0.0
+    bar = tqdm(range(learner.steps_per_epoch), desc=f"epoch {epoch}/{config.train.epochs}",
+               disable=not (progress and ranks.is_main), file=sys.stderr)
+    for step in bar:
+        global_batch = order[step * batch_size:(step + 1) * batch_size]
+        batch, weight = shard(global_batch, ranks), 1.0
+        if len(batch) == 0:  # a last global batch smaller than the world: still join the all-reduce
+            batch, weight = global_batch[:1], 0.0
+        if self_critical is None:  # the loss is per token
+            global_count = int(data.lengths[global_batch].sum()) - len(global_batch)  # all but <bos> are predicted
+            captions = data.tokens[batch, : int(data.lengths[batch].max())].to(device)
+            logits = model(data.train_features[data.caption_images[batch]].to(device), captions[:, :-1])
+            summed = weight * learner.loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
+        else:  # the loss is per sampled caption (its words' log-probabilities summed)
+            global_count = len(global_batch) * config.train.samples_per_image
+            summed, reward = self_critical(model, decoder, data.train_features[batch].to(device), batch)
+            summed, reward_sum = weight * summed, reward_sum + weight * reward * len(batch)
+        loss = summed * ranks.world_size / global_count
+        learner.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.train.grad_clip:
+            nn.utils.clip_grad_norm_(decoder.parameters(), config.train.grad_clip)
+        learner.optimizer.step()
+        learner.scheduler.step()
+        loss_sum += summed.detach().double().cpu()
+        count += global_count
+        if step % 20 == 0 and ranks.is_main:
+            bar.set_postfix(loss=f"{float(loss_sum) * ranks.world_size / count:.3f}",
+                            lr=f"{learner.scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    train_loss = sum(all_gather(float(loss_sum), ranks)) / max(count, 1)
+    return train_loss, sum(all_gather(reward_sum, ranks)) / learner.batch_units if self_critical else 0.0
+
+
+def save_epoch(config: Config, data: TrainingData, learner: Learner, standing: Standing, improved: bool,
+               ranks: Ranks, device) -> None:
+    """last.pt (with all --resume needs), best.pt when dev improved, metrics.jsonl and curves.png."""
+    rng = random_states(ranks, device)  # every rank takes part; rank 0 writes
+    if not ranks.is_main:
+        return
+    out_dir, record = Path(config.train.out_dir), standing.history[-1]
+    provenance = {"dataset": data.dataset_name, "data_root": config.data.root, "train_split": "train",
+                  "train_images": len(data.train_records), "epoch": record["epoch"], "dev": record,
+                  "processes": ranks.world_size, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "torch": str(torch.__version__)}
+    training = {"epoch": record["epoch"], "optimizer": learner.optimizer.state_dict(),
+                "scheduler": learner.scheduler.state_dict(), "rng": rng["rng_per_rank"][0], **rng,
+                "world_size": ranks.world_size, "history": standing.history, "best_bleu4": standing.best_bleu4,
+                "bad_epochs": standing.bad_epochs}
+    weights = (config, data.vocab, learner.decoder, data.encoder_info, provenance)
+    if improved:
+        save_checkpoint(out_dir / "best.pt", *weights, domain=data.domain)
+    save_checkpoint(out_dir / "last.pt", *weights, training=training, domain=data.domain)
+    write_metrics(out_dir, standing.history)
+    plot_curves({"": standing.history}, out_dir / "curves.png",
+                learner.self_critical.name if learner.self_critical else "reward")

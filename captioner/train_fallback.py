@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from tqdm import tqdm
 
 from .checkpoint import save_checkpoint
@@ -32,7 +33,9 @@ from .features import cached_features
 from .inference import decode_features
 from .metrics import caption_scores, mentions_person
 from .text import Vocabulary, tokenize
-from .train import lr_lambda, readable, write_text_atomic
+from .evaluate import readable
+from .files import write_metrics
+from .train import learning_rate_schedule
 
 
 def read_caption_lines(path: str | Path) -> list[str]:
@@ -82,16 +85,14 @@ def train_fallback(captions_file: str | Path, out_dir: str | Path, encoder_confi
     frequency = torch.ones(len(decoder.concept_words.words))
     for found in concepts:
         frequency[list(found)] += 1
-    tokens = torch.zeros(len(captions), config.data.max_caption_length + 2, dtype=torch.long)
-    for row, caption in enumerate(captions):
-        ids = [vocab.bos, *vocab.encode(caption)[:config.data.max_caption_length], vocab.eos]
-        tokens[row, :len(ids)] = torch.tensor(ids)
+    tokens = pad_sequence([torch.tensor([vocab.bos, *vocab.encode(caption)[:config.data.max_caption_length], vocab.eos])
+                           for caption in captions], batch_first=True, padding_value=vocab.pad)
     dev = _dev_set(encoder, dev_folder, cache_dir, progress) if dev_folder else None
     print(f"{len(captions)} captions, vocabulary {len(vocab)} words, {len(frequency)} concept words", file=sys.stderr)
 
     optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     steps = math.ceil(len(captions) / batch_size) * epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, steps))
+    scheduler = learning_rate_schedule(optimizer, config, steps)
     loss_fn = nn.CrossEntropyLoss(ignore_index=vocab.pad, label_smoothing=config.train.label_smoothing)
     encoder_info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
                     "feature_dim": encoder.feature_dim}
@@ -125,7 +126,7 @@ def train_fallback(captions_file: str | Path, out_dir: str | Path, encoder_confi
         if score > best:
             best = score
             save_checkpoint(out_dir / "best.pt", config, vocab, decoder, encoder_info, provenance)
-        write_text_atomic(out_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+        write_metrics(out_dir, history)
     return out_dir / "best.pt"
 
 

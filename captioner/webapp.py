@@ -14,6 +14,7 @@ from .inference import Caption, Captioner
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "20mb"
+MAX_BATCH = 16  # concurrent requests captioned together
 TABLE_HEADERS = ["file", "rank", "caption", "score", "error", "confidence", "the photo shows"]
 
 
@@ -23,37 +24,65 @@ def gallery_text(caption: Caption) -> str:
         return caption.text
     seen = tags_text(caption.tags) or "nothing the model knows"
     if caption.from_tags:
-        return f"{caption.text} (unsure: this photo is unlike the ones the model learned from, so the caption is " \
-               f"written from what its encoder sees: {seen})"
-    return f"{caption.text} (unsure: this photo is unlike the ones the model learned from; it seems to show {seen})"
+        return f"{caption.text} (unsure of this photo, so the caption is written from what the encoder sees: {seen})"
+    return f"{caption.text} (unsure: the photo is unlike the model's training photos, or the caption names what " \
+           f"the encoder does not see; it seems to show {seen})"
 
 
 def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_size: int = 3, max_length: int = 20,
                     length_penalty: float = 0.0, no_repeat_ngram_size: int = 3, n_best: int = 1):
     """Caption each uploaded file: (gallery of (image, caption), table rows with the n best or the error)."""
-    if not files:
+    galleries, tables = caption_requests(captioner, [files], [decoding], [beam_size], [max_length], [length_penalty],
+                                         [no_repeat_ngram_size], [n_best])
+    return galleries[0], tables[0]
+
+
+def caption_requests(captioner: Captioner, files: list, decoding: list, beam_size: list, max_length: list,
+                     length_penalty: list, no_repeat_ngram_size: list, n_best: list) -> tuple[list, list]:
+    """Gradio's batch function: several users' requests at once, each argument a list with one item per request.
+
+    Requests with the same decoding options are captioned together, in one `caption_files` call: one pass of the
+    CNN and one search batch for all their photos (captions are the same as alone: the search is exact per image).
+    Returns (galleries, tables), one per request. A request alone gets Gradio's error for no files and its warning
+    for no readable image; in a batch, where an error would fail the others too, the table says so.
+    """
+    if len(files) == 1 and not files[0]:
         raise gr.Error("Upload at least one image.")
-    if isinstance(files, (str, Path)):
-        files = [files]
-    beam = 1 if decoding == "greedy" else int(beam_size)
-    n_best = max(1, min(int(n_best), beam))
-    paths = [str(getattr(file, "name", file)) for file in files]
-    results = {index: (captions, error) for index, captions, error in captioner.caption_files(
-        paths, num_workers=0, n_best=n_best, beam_size=beam, max_length=int(max_length),
-        length_penalty=float(length_penalty), no_repeat_ngram_size=int(no_repeat_ngram_size))}
-    gallery, table = [], []
-    for index, path in enumerate(paths):
-        captions, error = results[index]
-        name = Path(path).name
-        if error is not None:
-            table.append([name, None, "", None, error.replace(path, name), None, ""])
+    galleries: list = [[] for _ in files]
+    tables: list = [[] for _ in files]
+    groups: dict[tuple, list[tuple[int, list[str]]]] = {}
+    for request, request_files in enumerate(files):
+        if not request_files:
+            tables[request] = [["", None, "", None, "Upload at least one image.", None, ""]]
             continue
-        gallery.append((path, gallery_text(captions[0])))
-        table += [[name, rank, c.text, round(c.score, 3), "", None if c.confidence is None else round(c.confidence, 3),
-                   tags_text(c.tags)] for rank, c in enumerate(captions, start=1)]
-    if not gallery:
+        if isinstance(request_files, (str, Path)):
+            request_files = [request_files]
+        beam = 1 if decoding[request] == "greedy" else int(beam_size[request])
+        options = (beam, max(1, min(int(n_best[request]), beam)), int(max_length[request]),
+                   float(length_penalty[request]), int(no_repeat_ngram_size[request]))
+        paths = [str(getattr(file, "name", file)) for file in request_files]
+        groups.setdefault(options, []).append((request, paths))
+    for (beam, best, longest, penalty, no_repeat), members in groups.items():
+        paths = [path for _, request_paths in members for path in request_paths]
+        results = {index: (captions, error) for index, captions, error in captioner.caption_files(
+            paths, num_workers=0, n_best=best, beam_size=beam, max_length=longest, length_penalty=penalty,
+            no_repeat_ngram_size=no_repeat)}
+        offset = 0
+        for request, request_paths in members:
+            for index, path in enumerate(request_paths, start=offset):
+                captions, error = results[index]
+                name = Path(path).name
+                if error is not None:
+                    tables[request].append([name, None, "", None, error.replace(path, name), None, ""])
+                    continue
+                galleries[request].append((path, gallery_text(captions[0])))
+                tables[request] += [[name, rank, c.text, round(c.score, 3), "",
+                                     None if c.confidence is None else round(c.confidence, 3), tags_text(c.tags)]
+                                    for rank, c in enumerate(captions, start=1)]
+            offset += len(request_paths)
+    if len(files) == 1 and not galleries[0]:
         gr.Warning("None of the uploaded files could be read as an image; see the table.")
-    return gallery, table
+    return galleries, tables
 
 
 def build_app(captioner: Captioner) -> gr.Blocks:
@@ -81,8 +110,10 @@ def build_app(captioner: Captioner) -> gr.Blocks:
         examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
         if examples:
             gr.Examples([[[p]] for p in examples], inputs=[files], label="Example photos")
-        button.click(lambda *args: caption_uploads(captioner, *args),
+        # Concurrent users' requests wait while a batch runs, then go together (up to MAX_BATCH requests):
+        # one CNN pass and one beam search for all their photos instead of one each.
+        button.click(lambda *lists: caption_requests(captioner, *lists),
                      [files, decoding, beam_size, max_length, length_penalty, no_repeat, n_best],
-                     [gallery, table], api_name="caption")
-    app.queue(default_concurrency_limit=2, max_size=64)
+                     [gallery, table], api_name="caption", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
+    app.queue(max_size=64)
     return app

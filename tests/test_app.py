@@ -119,3 +119,40 @@ def test_oversize_upload_gets_a_clear_error(server, tmp_path):
     big.write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(2_000_000))
     with pytest.raises(Exception, match="(?i)file size|too large|exceeds"):
         Client(server, verbose=False).predict([handle_file(str(big))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
+
+
+def test_app_py_refuses_uploads_over_20_mb_and_takes_smaller_ones(trained, tiny_flickr8k, tmp_path, monkeypatch):
+    # app.py as a user runs it (its own launch call and upload cap), kept from blocking so the test can talk to it.
+    import importlib.util
+
+    import gradio as gr
+    from gradio_client import Client, handle_file
+
+    spec = importlib.util.spec_from_file_location("app_py", Path(__file__).resolve().parents[1] / "app.py")
+    app_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_py)
+    launched, launch = [], gr.Blocks.launch
+
+    def launch_in_the_background(self, *args, **kwargs):
+        launched.append(self)
+        return launch(self, *args, **{**kwargs, "prevent_thread_lock": True, "quiet": True})
+
+    monkeypatch.setattr(gr.Blocks, "launch", launch_in_the_background)
+    port = free_port()
+    assert app_py.main(["--checkpoint", str(trained[1] / "best.pt"), "--port", str(port)]) == 0
+    try:
+        photo = (tiny_flickr8k / "images" / "red_square_2.jpg").read_bytes()
+        mib = 1024 * 1024  # Gradio's "mb" (gradio.FileSize.MB)
+        # A JPEG with padding after its end marker: Pillow reads the photo and ignores the rest.
+        (tmp_path / "19mb.jpg").write_bytes(photo + b"\0" * (19 * mib))
+        (tmp_path / "21mb.jpg").write_bytes(photo + b"\0" * (21 * mib))
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        gallery, _ = client.predict([handle_file(str(tmp_path / "19mb.jpg"))], "beam", 2, 12, 0.0, 2, 1,
+                                    api_name="/caption")
+        assert len(gallery) == 1 and "square" in gallery[0]["caption"]
+        with pytest.raises(Exception, match="(?i)file size|too large|exceeds") as refused:
+            client.predict([handle_file(str(tmp_path / "21mb.jpg"))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
+        print(f"\n21 MB upload refused: {refused.value}")
+    finally:
+        for app in launched:
+            app.close()

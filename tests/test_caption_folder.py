@@ -79,3 +79,24 @@ def test_rerun_after_an_interruption_gives_exactly_one_row_per_image(trained, mi
     assert main(["caption", str(mixed_folder), "--checkpoint", checkpoint, "--out", str(out), "--overwrite",
                  "--no-progress"]) == 0
     assert "done before" not in capsys.readouterr().err and len(read(out)) == 3
+
+
+def test_a_photo_captioned_alone_gets_the_row_the_folder_command_writes_for_it(trained, mixed_folder, tmp_path):
+    # Two routes to one caption: Captioner.caption on the file alone (loaded in process, searched alone) and
+    # `captioner caption DIR` (files read by the batch loader, searched in one batch with the folder's others).
+    from captioner import Captioner
+
+    _, run = trained
+    out = tmp_path / "captions.jsonl"
+    main(["caption", str(mixed_folder), "--checkpoint", str(run / "best.pt"), "--out", str(out), "--batch-size", "3",
+          "--beam-size", "3", "--no-progress"])
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in read(out)}
+    captioner = Captioner.from_checkpoint(run / "best.pt")
+    for name in ("a_red.jpg", "sub/b_blue.jpg", "sub/deeper/c_green.data"):
+        alone = captioner.caption(str(mixed_folder / name), beam_size=3)
+        row = rows[name.rsplit("/", 1)[-1]]
+        assert row["caption"] == alone.text
+        assert row["score"] == pytest.approx(alone.score, abs=1e-4)  # rows keep 4 decimals
+        assert row["tags"] == [[w, pytest.approx(p, abs=1e-4)] for w, p in alone.tags]
+        if alone.confidence is not None:
+            assert row["confidence"] == pytest.approx(alone.confidence, abs=1e-3) and row["unsure"] == alone.unsure

@@ -87,3 +87,22 @@ def test_other_torch_file_and_mismatched_vocabulary(tmp_path, checkpoint):
     torch.save(raw, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="mismatch.pt: weights do not fit"):
         load_checkpoint(tmp_path / "mismatch.pt")
+
+
+def test_export_can_say_where_the_data_is_and_nothing_else_outside_decoding(tmp_path, checkpoint):
+    from captioner.checkpoint import export_checkpoint
+    from captioner.config import ConfigError
+
+    checkpoint, _ = checkpoint
+    provenance = export_checkpoint(checkpoint, tmp_path / "out.pt", decode_overrides=["data.root=data/flickr8k"])
+    config, _, _, _ = load_checkpoint(tmp_path / "out.pt")
+    assert config.data.root == "data/flickr8k" and provenance["decode_overrides"] == ["data.root=data/flickr8k"]
+    with pytest.raises(ConfigError, match="only decode"):
+        export_checkpoint(checkpoint, tmp_path / "bad.pt", decode_overrides=["train.lr=0.1"])
+
+
+def test_the_shipped_model_looks_for_its_data_where_the_readme_puts_it():
+    from captioner.inference import DEFAULT_CHECKPOINT
+
+    config, _, _, _ = load_checkpoint(DEFAULT_CHECKPOINT)
+    assert config.data.root == "data/flickr8k"  # `captioner evaluate --split test` needs no --set

@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
 from captioner import Captioner
 from captioner.cli import main
+from captioner.config import Config
+from captioner.files import read_metrics
+from captioner.train import RESUMABLE, learning_rate_schedule
 
 
 def test_training_writes_a_complete_run_folder(trained):
@@ -29,8 +33,8 @@ def test_the_trained_model_captions_what_it_sees(trained, tiny_flickr8k):
     captions = captioner.caption(paths, beam_size=3)
     colours = sum(c in caption.text for c, caption in zip(("red", "green", "blue", "yellow"), captions))
     assert colours >= 3, [c.text for c in captions]
-    single = captioner.caption(str(paths[0]), beam_size=1)
-    assert single.text == captioner.caption([paths[0]], beam_size=1)[0].text
+    # One path in, one Caption out; that it is the folder command's caption: test_caption_folder.py.
+    assert captioner.caption(str(paths[0]), beam_size=3).text == captions[0].text
     n_best = captioner.caption([paths[0]], beam_size=3, n_best=3)[0]
     assert len(n_best) == 3 and n_best[0].score >= n_best[-1].score
 
@@ -40,9 +44,42 @@ def test_training_refuses_to_overwrite_and_resume_continues(trained, capsys):
     assert main(["train", "--config", str(config_path), "--no-progress"]) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert main(["train", "--config", str(config_path), "--resume", "--set", "train.epochs=16", "--no-progress"]) == 0
-    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert epochs == list(range(1, 17))
+    history = read_metrics(run)
+    assert [row["epoch"] for row in history] == list(range(1, 17))
     assert "resuming" in capsys.readouterr().err
+    # The cosine schedule now spans 16 epochs: it ends at 5% of train.lr (0.01) again, not past its old end.
+    assert history[14]["lr"] == pytest.approx(0.0005, rel=1e-9) and history[15]["lr"] == pytest.approx(0.0005, rel=1e-9)
+
+
+def test_resume_refuses_settings_that_differ_from_the_runs_and_names_them(trained, capsys):
+    config_path, run = trained
+    before = (run / "last.pt").read_bytes(), (run / "config.yaml").read_text()
+    assert main(["train", "--config", str(config_path), "--resume", "--set", "train.lr=0.5",
+                 "--set", "decoder.hidden_dim=64", "--set", "train.patience=2", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "train.lr: the run's 0.01, here 0.5" in err and "decoder.hidden_dim: the run's 48, here 64" in err
+    assert "train.patience: the run's" not in err  # a setting --resume applies is no difference
+    assert all(key in err for key in RESUMABLE) and str(run / "config.yaml") in err
+    assert ((run / "last.pt").read_bytes(), (run / "config.yaml").read_text()) == before
+
+
+@pytest.mark.parametrize("schedule, warmup", [("cosine", 0), ("cosine", 1), ("cosine", 7), ("cosine", 40),
+                                              ("constant", 0), ("constant", 5)])
+def test_learning_rate_warms_up_linearly_then_decays_by_cosine_to_five_percent(schedule, warmup):
+    total, lr = 30, 0.01
+    config = Config.from_dict({"train": {"lr": lr, "warmup_steps": warmup, "lr_schedule": schedule}})
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    scheduler = learning_rate_schedule(optimizer, config, total)
+    for step in range(total + 1):  # the rate of each optimizer step, and after the last
+        if step < warmup:
+            factor = (step + 1) / warmup
+        elif schedule == "constant":
+            factor = 1.0
+        else:
+            factor = 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+        assert optimizer.param_groups[0]["lr"] == pytest.approx(lr * factor, rel=1e-12), step
+        optimizer.step()
+        scheduler.step()
 
 
 def test_evaluate_prints_bleu_and_writes_captions(trained, tmp_path, capsys):

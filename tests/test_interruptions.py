@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,10 +13,12 @@ import pytest
 import torch
 import yaml
 
-import captioner.features as features
 from captioner.caption import RowWriter
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import load_checkpoint, read_checkpoint
 from captioner.cli import main
+from captioner.distributed import SINGLE
+from captioner.files import atomic_save, read_metrics
+from captioner.train import random_states, restore_random_states
 from conftest import tiny_config
 
 
@@ -36,23 +37,55 @@ def kill_when(command: list[str], condition, timeout: float = 240) -> None:
     process.wait()
 
 
-def test_training_killed_mid_run_resumes_from_the_last_checkpoint(tiny_flickr8k, trained, tmp_path):
-    config = tiny_config(tiny_flickr8k, tmp_path / "run", trained[0].parent / "cache", epochs=40, batch_size=4)
-    config_path = tmp_path / "tiny.yaml"
-    config_path.write_text(yaml.safe_dump(config.to_dict()))
-    metrics = tmp_path / "run" / "metrics.jsonl"
-    command = [sys.executable, "-m", "captioner", "train", "--config", str(config_path), "--no-progress"]
-    kill_when(command, lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 2)
-    killed_after = len(metrics.read_text().splitlines())
-    assert killed_after < 40
-    load_checkpoint(tmp_path / "run" / "last.pt")  # whole, never half-written
-    assert not list((tmp_path / "run").glob(".*.tmp"))
+def test_training_killed_mid_run_and_resumed_ends_as_an_uninterrupted_run(tiny_flickr8k, trained, tmp_path):
+    def command(name: str) -> list[str]:
+        # dropout on and a warmup-then-cosine schedule: resuming must restore the random state and the schedule
+        config = tiny_config(tiny_flickr8k, tmp_path / name, trained[0].parent / "cache", epochs=8, batch_size=8,
+                             threads=1)
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        return [sys.executable, "-m", "captioner", "train", "--config", str(tmp_path / f"{name}.yaml"), "--no-progress"]
 
-    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resuming" in resumed.stderr
-    epochs = [json.loads(line)["epoch"] for line in metrics.read_text().splitlines()]
-    assert epochs == list(range(1, 41))
+    with open(tmp_path / "whole.log", "w") as whole_log:  # the uninterrupted run trains meanwhile
+        whole = subprocess.Popen(command("whole"), stdout=subprocess.DEVNULL, stderr=whole_log)
+        killed = tmp_path / "killed"
+        kill_when(command("killed"), lambda: len(read_metrics(killed)) >= 2)
+        assert len(read_metrics(killed)) < 8
+        load_checkpoint(killed / "last.pt")  # whole, never half-written
+        assert not list(killed.glob(".*.tmp"))
+
+        resumed = subprocess.run([*command("killed"), "--resume"], capture_output=True, text=True, timeout=600)
+        assert resumed.returncode == 0, resumed.stderr[-2000:]
+        assert "resuming" in resumed.stderr
+        assert whole.wait(timeout=600) == 0, (tmp_path / "whole.log").read_text()[-2000:]
+
+    def without_timing(run):
+        return [{k: v for k, v in row.items() if k != "train_seconds"} for row in read_metrics(run)]
+
+    assert [row["epoch"] for row in read_metrics(killed)] == list(range(1, 9))
+    assert without_timing(killed) == without_timing(tmp_path / "whole")
+    for name in ("best.pt", "last.pt"):
+        one, other = read_checkpoint(tmp_path / "whole" / name), read_checkpoint(killed / name)
+        assert one["decoder"].keys() == other["decoder"].keys()
+        for key, weight in one["decoder"].items():
+            assert torch.equal(other["decoder"][key], weight), (name, key)
+    moments = read_checkpoint(killed / "last.pt")["training"]["optimizer"]["state"]
+    for index, state in read_checkpoint(tmp_path / "whole" / "last.pt")["training"]["optimizer"]["state"].items():
+        assert torch.equal(moments[index]["exp_avg_sq"], state["exp_avg_sq"]), index
+
+
+def test_the_gpu_random_state_is_saved_and_restored_with_the_cpu_one(monkeypatch):
+    """Without a GPU: torch.cuda's two state functions are stood in for by one fake generator state."""
+    gpu = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: gpu["state"].clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: gpu.update(state=state))
+    cuda = torch.device("cuda", 0)
+    saved = random_states(SINGLE, cuda)
+    expected = torch.rand(4)
+    gpu["state"] = torch.tensor([7], dtype=torch.uint8)
+    restore_random_states(saved, SINGLE, cuda)
+    assert torch.equal(gpu["state"], torch.tensor([1, 2, 3], dtype=torch.uint8))
+    assert torch.equal(torch.rand(4), expected)
+    assert "cuda_rng_per_rank" not in random_states(SINGLE, torch.device("cpu"))
 
 
 def test_caption_run_killed_and_rerun_gives_each_image_exactly_one_row(trained, tiny_flickr8k, tmp_path):
@@ -78,7 +111,7 @@ def test_caption_run_killed_and_rerun_gives_each_image_exactly_one_row(trained, 
 
 def test_checkpoint_write_that_fails_leaves_the_old_file_intact(tmp_path, monkeypatch):
     target = tmp_path / "last.pt"
-    features.atomic_save({"version": 1}, target)
+    atomic_save({"version": 1}, target)
 
     def crash(obj, path):
         Path(path).write_bytes(b"half a checkp")
@@ -86,7 +119,7 @@ def test_checkpoint_write_that_fails_leaves_the_old_file_intact(tmp_path, monkey
 
     monkeypatch.setattr(torch, "save", crash)
     with pytest.raises(OSError):
-        features.atomic_save({"version": 2}, target)
+        atomic_save({"version": 2}, target)
     monkeypatch.undo()
     assert torch.load(target, weights_only=True) == {"version": 1}
     assert list(tmp_path.iterdir()) == [target]

@@ -33,12 +33,30 @@ def test_sampled_captions_end_once_and_never_hold_special_words():
     assert torch.equal(first, sample_captions(decoder, torch.ones(3, 8), max_length=6))
 
 
-def test_cider_d_scorer_scores_single_captions_as_the_corpus_metric_averages_them():
-    refs = [[["a", "dog", "runs"], ["the", "dog", "runs", "fast"]], [["a", "cat", "sleeps"], ["cat", "asleep"]]]
-    hyps = [["a", "dog", "runs"], ["a", "cat"]]
-    scorer = CiderD(refs)
-    assert scorer.score(0, ["a", "dog", "runs"]) > scorer.score(0, ["dog"]) > 0 == scorer.score(0, ["a", "cat"])
-    assert (scorer.score(0, hyps[0]) + scorer.score(1, hyps[1])) / 2 == pytest.approx(cider_d(refs, hyps))
+def test_the_reward_scorer_gives_each_caption_coco_captions_cider_d():
+    # The reward scores one caption at a time against fixed references; coco-caption's Cider (CIDEr-D) scores
+    # the same captions as a corpus. Each caption's score must be the toolkit's score for that image.
+    from pycocoevalcap.cider.cider import Cider
+
+    from captioner.text import tokenize
+
+    captions = [  # (a sampled caption, the image's references), as in Flickr8k
+        ("a dog is running through the grass", ["A brown dog runs through the tall grass .", "A dog is running .",
+                                                "The dog runs across a green field ."]),
+        ("a man is riding a bike on a dirt road", ["A man rides his bicycle down a dirt path .",
+                                                  "A cyclist on a dirt road .", "A man riding a mountain bike ."]),
+        ("two girls are playing in the sand", ["Two little girls play in the sand at the beach .",
+                                              "Two children dig in the sand .", "Kids playing on the beach ."]),
+        ("a dog a dog", ["A white dog jumps over a log .", "A dog leaps in the woods ."]),
+    ]
+    references = [[tokenize(r) for r in refs] for _, refs in captions]
+    hypotheses = [tokenize(h) for h, _ in captions]
+    _, coco = Cider().compute_score({i: [" ".join(r) for r in refs] for i, refs in enumerate(references)},
+                                    {i: [" ".join(h)] for i, h in enumerate(hypotheses)})
+    scorer = CiderD(references)
+    assert [scorer.score(i, h) for i, h in enumerate(hypotheses)] == pytest.approx(list(coco), rel=1e-9)
+    assert scorer.score(0, hypotheses[0]) > scorer.score(0, ["dog"]) > 0 == scorer.score(0, ["two", "cats"])
+    assert cider_d(references, hypotheses) == pytest.approx(coco.mean(), rel=1e-9)
 
 
 def test_self_critical_gradient_never_feeds_the_words_sampling_cannot_draw():

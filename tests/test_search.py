@@ -1,15 +1,14 @@
 """Greedy and beam search: exactness on models whose probabilities the test sets, and the edge cases."""
 from __future__ import annotations
 
-import itertools
 import math
 
 import pytest
 import torch
 
 from captioner.config import DecoderConfig
-from captioner.decoder import CaptionDecoder, build_decoder
-from captioner.search import BOS_ID, EOS_ID, NEVER_EMITTED, beam_search, greedy_search
+from captioner.decoder import CaptionDecoder, build_decoder, select_state
+from captioner.search import BOS_ID, EOS_ID, NEVER_EMITTED, Hypothesis, _mask, beam_search, greedy_search
 
 A, B, C = 4, 5, 6  # word ids after <pad> <bos> <eos> <unk>
 
@@ -58,14 +57,95 @@ def test_teacher_forcing_matches_step_by_step_decoding(cell, attention):
             torch.testing.assert_close(log_probs, forced[:, t], rtol=1e-4, atol=1e-5)
 
 
-def sequence_log_prob(model, features, words: list[int], finished: bool) -> float:
-    state = model.init_state(features)
-    total, previous = 0.0, BOS_ID
-    for token in words + ([EOS_ID] if finished else []):
-        log_probs, state = model.step(torch.tensor([previous]), state)
-        total += log_probs[0, token].item()
-        previous = token
-    return total
+class OneWordAfterEach:
+    """A random decoder that may say any word first but then only one word (or <eos>) after each
+    word: so few prefixes that a beam keeping all of them still has `beam_size` finished by step 2."""
+
+    def __init__(self, decoder, vocab_size: int):
+        self.decoder = decoder
+        self.allowed = torch.zeros(vocab_size, vocab_size, dtype=torch.bool)
+        self.allowed[BOS_ID, A:] = True
+        for word in range(A, vocab_size):
+            self.allowed[word, [EOS_ID, A + (word - A + 1) % (vocab_size - A)]] = True
+
+    def init_state(self, features):
+        return self.decoder.init_state(features)
+
+    def step(self, tokens, state):
+        log_probs, state = self.decoder.step(tokens, state)
+        return log_probs.masked_fill(~self.allowed[tokens], -math.inf), state
+
+
+@torch.inference_mode()
+def exhaustive_captions(model, features, max_length: int, min_length: int = 1) -> list[tuple[float, list[int]]]:
+    """(log-prob, words) of every caption a search could finish for one image ([1, D] features):
+    min_length to max_length - 1 words and <eos>, a whole level of prefixes per model step."""
+    state, last = model.init_state(features), torch.tensor([BOS_ID])
+    prefixes, totals, captions = [[]], torch.zeros(1), []
+    for length in range(max_length):
+        log_probs, state = model.step(last, state)
+        if length >= min_length:
+            captions += [(t, p) for t, p in zip((totals + log_probs[:, EOS_ID]).tolist(), prefixes) if t > -math.inf]
+        extended = totals.unsqueeze(1) + log_probs[:, A:]  # every word after the special tokens
+        parent, column = torch.isfinite(extended).nonzero(as_tuple=True)
+        prefixes = [prefixes[p] + [A + c] for p, c in zip(parent.tolist(), column.tolist())]
+        totals, last, state = extended[parent, column], A + column, select_state(state, parent)
+    return captions
+
+
+def best_caption(captions, length_penalty: float) -> tuple[float, list[int]]:
+    """The best (score, words) with lengths of words + 1, as the search scores them."""
+    return max((total / (len(words) + 1) ** length_penalty, words) for total, words in captions)
+
+
+@torch.inference_mode()
+def old_beam_search(model, features, beam_size, max_length, min_length=1, no_repeat_ngram_size=0,
+                    length_penalty=0.0, n_best=1, stop_early=True) -> list[list[Hypothesis]]:
+    """beam_search before #15: an image stops once `beam_size` hypotheses have finished (with
+    stop_early=False: only when every beam has ended or at max_length). Lengths are words + 1
+    throughout, as now (before, a caption cut at max_length counted its words only)."""
+    batch, k = features.size(0), beam_size
+    n_best = min(n_best, k)
+    state = select_state(model.init_state(features), torch.arange(batch).repeat_interleave(k))
+    tokens = torch.full((batch * k, 1), BOS_ID, dtype=torch.long)
+    scores = torch.full((batch, k), -math.inf)
+    scores[:, 0] = 0.0
+    alive, finished, positions = torch.arange(batch), [[] for _ in range(batch)], torch.arange(2 * k)
+
+    def hypothesis(words, total, ended):
+        return Hypothesis(words, total / (len(words) + 1) ** length_penalty, total, ended)
+
+    for step in range(max_length):
+        n = alive.numel()
+        log_probs, state = model.step(tokens[:, -1], state)
+        log_probs = _mask(log_probs, tokens[:, 1:], step, min_length, no_repeat_ngram_size)
+        vocab = log_probs.size(1)
+        top_scores, top_index = (scores.view(-1, 1) + log_probs).view(n, k * vocab).topk(2 * k, dim=1)
+        origin, word = top_index // vocab, top_index % vocab
+        ends = (word == EOS_ID) & torch.isfinite(top_scores)
+        for i, j in ends[:, :k].nonzero().tolist():
+            words = tokens[i * k + origin[i, j], 1:].tolist()
+            finished[alive[i]].append(hypothesis(words, top_scores[i, j].item(), True))
+        order = (ends.long() * (2 * k) + positions).argsort(dim=1)[:, :k]
+        scores = top_scores.gather(1, order).masked_fill(ends.gather(1, order), -math.inf)
+        rows = (torch.arange(n).unsqueeze(1) * k + origin.gather(1, order)).view(-1)
+        tokens = torch.cat([tokens[rows], word.gather(1, order).view(-1, 1)], dim=1)
+        state = select_state(state, rows)
+        done = ~torch.isfinite(scores).any(1)
+        if stop_early:
+            done |= torch.tensor([len(finished[b]) >= k for b in alive.tolist()])
+        if done.all():
+            break
+        keep = (~done).nonzero().squeeze(1)
+        alive, scores = alive[keep], scores[keep]
+        rows = (keep.unsqueeze(1) * k + torch.arange(k)).view(-1)
+        tokens, state = tokens[rows], select_state(state, rows)
+    else:
+        for i, b in enumerate(alive.tolist()):
+            if len(finished[b]) < n_best:
+                finished[b] += [hypothesis(tokens[i * k + j, 1:].tolist(), scores[i, j].item(), False)
+                                for j in range(k) if math.isfinite(scores[i, j].item())]
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished]
 
 
 def test_beam_finds_what_greedy_misses_and_matches_exhaustive():
@@ -77,23 +157,62 @@ def test_beam_finds_what_greedy_misses_and_matches_exhaustive():
     assert best.log_prob == pytest.approx(math.log(0.45 * 0.9), abs=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(4))
-@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
-def test_wide_beam_equals_exhaustive_search(seed, length_penalty):
-    vocab_size, max_length = 7, 4
-    model = random_decoder(vocab_size, seed)
-    features = torch.randn(1, 16)
-    words = (A, B, C)
-    best_score, best_words = -math.inf, None
-    for length in range(1, max_length):  # min_length=1: at least one word before <eos>
-        for candidate in itertools.product(words, repeat=length):
-            total = sequence_log_prob(model, features, list(candidate), finished=True)
-            score = total / (length + 1) ** length_penalty if length_penalty else total
-            if score > best_score:
-                best_score, best_words = score, list(candidate)
-    found = beam_search(model, features, beam_size=200, max_length=max_length, length_penalty=length_penalty)[0][0]
-    assert found.tokens == best_words
-    assert found.score == pytest.approx(best_score, abs=1e-4)
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5, 1.0])
+def test_wide_beam_equals_exhaustive_search(length_penalty):
+    for seed in range(4):  # 4 words, captions of 1-4 words; 4**4 * 5 candidates at the last step: all kept
+        model, features = random_decoder(8, seed), torch.randn(1, 16)
+        best_score, best_words = best_caption(exhaustive_captions(model, features, max_length=5), length_penalty)
+        found = beam_search(model, features, beam_size=1280, max_length=5, length_penalty=length_penalty)[0][0]
+        assert found.tokens == best_words
+        assert found.score == pytest.approx(best_score, abs=1e-4)
+
+
+@pytest.mark.parametrize("length_penalty", [0.5, 1.0])
+def test_wide_beam_that_fills_with_finished_captions_early_equals_exhaustive_search(length_penalty):
+    """Every prefix stays in the beam, but `beam_size` captions have finished by step 2: stopping
+    there (the rule before #15) missed longer captions that score better once normalised."""
+    missed_before = 0
+    for seed in range(8):
+        model, features = OneWordAfterEach(random_decoder(8, seed), 8), torch.randn(1, 16)
+        best_score, best_words = best_caption(exhaustive_captions(model, features, max_length=7), length_penalty)
+        found = beam_search(model, features, beam_size=8, max_length=7, length_penalty=length_penalty)[0][0]
+        assert found.tokens == best_words
+        assert found.score == pytest.approx(best_score, abs=1e-4)
+        before = old_beam_search(model, features, 8, 7, length_penalty=length_penalty)[0][0]
+        missed_before += before.tokens != best_words
+    assert missed_before > 0 if length_penalty == 1.0 else True  # at penalty 1 the old rule stops too early
+
+
+@pytest.mark.parametrize("beam_size", [2, 3, 4])
+@pytest.mark.parametrize("length_penalty", [0.0, 0.5, 1.0])
+def test_narrow_beam_returns_the_best_of_all_it_would_finish(beam_size, length_penalty):
+    """Above penalty 0: exactly what running every beam to max_length returns, never worse than the
+    rule before #15. At penalty 0: exactly the captions of the rule before #15."""
+    model = random_decoder(9, beam_size)
+    features = torch.randn(200, 16)
+    options = dict(beam_size=beam_size, max_length=6, min_length=2, no_repeat_ngram_size=2,
+                   length_penalty=length_penalty, n_best=2)
+    found = beam_search(model, features, **options)
+    before = old_beam_search(model, features, **options)
+    expected = before if length_penalty == 0 else old_beam_search(model, features, stop_early=False, **options)
+    better = 0
+    for hyps, want, old in zip(found, expected, before):
+        assert [h.tokens for h in hyps] == [h.tokens for h in want]
+        assert [h.score for h in hyps] == pytest.approx([h.score for h in want], abs=1e-5)
+        assert hyps[0].score >= old[0].score - 1e-5
+        better += hyps[0].score > old[0].score + 1e-5
+    assert better > 0 if length_penalty == 1.0 else True  # at penalty 1 the old rule stops too early
+
+
+def test_finished_and_cut_captions_are_both_normalised_by_words_plus_one():
+    ends = MarkovModel({BOS_ID: {A: 0.6, B: 0.4}, A: {EOS_ID: 0.6, B: 0.4}, B: {EOS_ID: 0.3, B: 0.7}})
+    never_ends = MarkovModel({BOS_ID: {A: 0.6, B: 0.4}, A: {A: 0.6, B: 0.4}, B: {A: 0.5, B: 0.5}})
+    for model, words in ((ends, 1), (never_ends, 4)):
+        greedy = greedy_search(model, torch.zeros(1, 4), max_length=4, length_penalty=1.0)[0]
+        beam = beam_search(model, torch.zeros(1, 4), beam_size=2, max_length=4, length_penalty=1.0)[0][0]
+        for found in (greedy, beam):
+            assert len(found.tokens) == words and found.finished == (model is ends)
+            assert found.score == pytest.approx(found.log_prob / (words + 1))
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])

@@ -58,7 +58,7 @@ def test_inference_layout_keeps_the_numbers(tiny_flickr8k):
     """Folded symmetric padding and in-place ReLU6 change no feature: same as the package's own model."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    encoder = Encoder("efficientnet_lite0", "default", image_size=224)
+    encoder = Encoder("efficientnet_lite0", "default", image_size=224, runtime="torch")
     plain = EfficientNet.from_name("efficientnet-lite0")
     plain.load_state_dict(encoder.backbone.model.state_dict())
     plain = plain.eval().to(memory_format=torch.channels_last)

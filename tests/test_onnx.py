@@ -1,0 +1,158 @@
+"""ONNX Runtime: the default CPU encoder gives PyTorch's features and captions; int8 is calibrated by a
+command; `captioner export --format onnx` captions with onnxruntime and numpy alone."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.encoder import Encoder, EncoderError
+from captioner.features import cached_features
+from captioner.inference import DEFAULT_CHECKPOINT, decode_features
+from captioner.onnx_runtime import cache_dir
+
+ort = pytest.importorskip("onnxruntime")
+EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "captioner" / "examples").glob("*.jpg"))
+
+
+@pytest.fixture(autouse=True)
+def own_graph_cache(tmp_path_factory, monkeypatch):
+    """Exported graphs go to a cache of this test session, not the user's."""
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path_factory.getbasetemp() / "captioner-cache"))
+
+
+@pytest.fixture
+def shapes(tiny_flickr8k):
+    return sorted(str(p) for p in (tiny_flickr8k / "images").glob("*.jpg"))
+
+
+def test_onnx_encoder_gives_pytorchs_features_and_is_the_cpu_default(shapes):
+    onnx, eager = Encoder(image_size=64), Encoder(image_size=64, runtime="torch")
+    assert onnx.runtime == "onnx" and onnx.runtime_on("cuda:0") == "torch"  # GPUs keep torch
+    images = torch.stack([onnx.transform.load(p) for p in shapes[:6]])
+    (pooled, grid), (eager_pooled, eager_grid) = onnx(images), eager(images)
+    assert (pooled - eager_pooled).abs().max() < 1e-4 and (grid - eager_grid).abs().max() < 1e-4
+    assert torch.equal(onnx.classify(pooled).argmax(1), eager.classify(eager_pooled).argmax(1))
+    assert any(cache_dir().glob("*-fp32.onnx"))  # exported once, kept for the next process
+    # The feature cache names runtime and precision: features of one runtime are never read as another's.
+    assert onnx.cache_key().endswith("-onnx-fp32") and eager.cache_key().endswith("-torch-fp32")
+    assert onnx.cache_key("cuda") == eager.cache_key()
+
+
+def test_runtime_choices_are_checked():
+    with pytest.raises(EncoderError, match="int8 runs on ONNX Runtime"):
+        Encoder(image_size=64, runtime="torch", precision="int8")
+    with pytest.raises(EncoderError, match="unknown runtime"):
+        Encoder(image_size=64, runtime="tensorrt")
+
+
+def test_captions_are_the_same_on_either_runtime(trained, shapes):
+    checkpoint = trained[1] / "best.pt"
+    onnx = Captioner.from_checkpoint(checkpoint, runtime="onnx")
+    eager = Captioner.from_checkpoint(checkpoint, runtime="torch")
+    assert onnx.encoder.runtime == "onnx" and eager.encoder.runtime == "torch"
+    for beam_size in (1, 3):
+        assert [c.text for c in onnx.caption(shapes, beam_size=beam_size)] == \
+               [c.text for c in eager.caption(shapes, beam_size=beam_size)]
+
+
+def test_int8_is_calibrated_by_a_command_and_used_when_asked(trained, tiny_flickr8k, tmp_path, shapes, capsys):
+    checkpoint = trained[1] / "best.pt"
+    with pytest.raises(EncoderError, match="captioner calibrate-int8"):
+        Captioner.from_checkpoint(checkpoint, runtime="onnx", precision="int8").caption(shapes[0])
+    assert main(["calibrate-int8", "--checkpoint", str(checkpoint), "--data-root", str(tiny_flickr8k),
+                 "--images", "8", "--out", str(tmp_path / "int8.onnx"), "--no-progress"]) == 0
+    assert "calibrated on 8 training photos" in capsys.readouterr().out and (tmp_path / "int8.onnx").is_file()
+    int8 = Captioner.from_checkpoint(checkpoint, runtime="onnx", precision="int8")
+    fp32 = Captioner.from_checkpoint(checkpoint, runtime="onnx")
+    assert "-onnx-int8-" in int8.encoder.cache_key()
+    images = torch.stack([fp32.encoder.transform.load(p) for p in shapes])
+    close = torch.nn.functional.cosine_similarity(int8.encoder(images)[0], fp32.encoder(images)[0])
+    # Close, not equal: 8 drawn shapes at 64 px calibrate poorly (bench/int8.py measures real photos).
+    assert 0.6 < close.mean() < 0.9999, close
+    assert all(c.text for c in int8.caption(shapes, beam_size=3))
+    features = cached_features(int8.encoder, shapes, tmp_path / "cache", progress=False)
+    assert features.features.shape == (len(shapes), 1280) and (tmp_path / "cache" / int8.encoder.cache_key()).is_dir()
+
+
+# --- the exported model, run with onnxruntime and numpy alone -------------------------------------------------
+
+def load_image(path: str, image: dict) -> np.ndarray:
+    """captioner.json's image steps, with Pillow and numpy."""
+    size = image["size"]
+    with Image.open(path) as picture:
+        if picture.format == "JPEG":
+            picture.draft("RGB", (size, size))
+        picture = ImageOps.exif_transpose(picture).convert("RGB")
+    pixels = np.asarray(picture.resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32) / 255
+    return ((pixels - np.array(image["mean"], np.float32)) / np.array(image["std"], np.float32)).transpose(2, 0, 1)
+
+
+def greedy_with_onnx(folder: Path, paths: list[str]) -> list[str]:
+    """A greedy caption per image from the exported files: the loop captioner.json describes."""
+    spec = json.loads((folder / "captioner.json").read_text())
+    session = {name: ort.InferenceSession(str(folder / graph["file"]), providers=["CPUExecutionProvider"])
+               for name, graph in spec["graphs"].items()}
+    images = np.stack([load_image(p, spec["image"]) for p in paths])
+    features = session["encoder"].run([spec["decoder"]["features"]], {"images": images})[0]
+    state = session["decoder_init"].run(None, {"features": features})
+    decode, ids = spec["decode"], spec["special_ids"]
+    n = decode["no_repeat_ngram_size"]
+    tokens = np.full(len(paths), ids["bos"], dtype=np.int64)
+    words: list[list[int]] = [[] for _ in paths]
+    done = np.zeros(len(paths), dtype=bool)
+    for step in range(decode["max_length"]):
+        inputs = {"tokens": tokens, **dict(zip(spec["decoder"]["state"], state))}
+        log_probs, *state = session["decoder_step"].run(None, inputs)
+        log_probs[:, spec["never_emitted"]] = -np.inf
+        if step < decode["min_length"]:
+            log_probs[:, ids["eos"]] = -np.inf
+        for row, generated in enumerate(words):
+            if n and len(generated) >= n:
+                prefix = generated[len(generated) - n + 1:]
+                for start in range(len(generated) - n + 1):
+                    if generated[start:start + n - 1] == prefix:
+                        log_probs[row, generated[start + n - 1]] = -np.inf
+            if np.isinf(log_probs[row]).all():
+                log_probs[row, ids["eos"]] = 0.0
+        tokens = log_probs.argmax(1)
+        for row, token in enumerate(tokens.tolist()):
+            if not done[row]:
+                done[row] = token == ids["eos"]
+                if not done[row]:
+                    words[row].append(token)
+        if done.all():
+            break
+    return [" ".join(spec["vocab"][t] for t in row) for row in words]
+
+
+def test_exported_onnx_model_captions_like_the_package(trained, shapes, tmp_path, capsys):
+    checkpoint = trained[1] / "best.pt"
+    assert main(["export", str(checkpoint), str(tmp_path / "onnx"), "--format", "onnx"]) == 0
+    assert "decoder_step.onnx" in capsys.readouterr().out
+    spec = json.loads((tmp_path / "onnx" / "captioner.json").read_text())
+    assert spec["decode"]["max_length"] == 10 and spec["vocab"][:4] == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    assert len(spec["tags"]["class_words"]) == 1000
+    package = Captioner.from_checkpoint(checkpoint).caption(shapes, beam_size=1)
+    assert greedy_with_onnx(tmp_path / "onnx", shapes) == [c.text for c in package]
+
+
+def test_shipped_model_exported_to_onnx_captions_the_example_photos_as_the_package(tmp_path):
+    """The scene decoder's greedy captions (the package routes unsure photos to its fallback, not exported)."""
+    from captioner.export_onnx import export_onnx
+
+    export_onnx(DEFAULT_CHECKPOINT, tmp_path)
+    photos = [str(p) for p in EXAMPLES]
+    captioner = Captioner.from_checkpoint()
+    features = torch.stack([captioner.encoder.transform.load(p) for p in photos])
+    options = captioner.decode_options(beam_size=1)
+    features = captioner.encode(features)
+    package = [c[0].text for c in decode_features(captioner.decoder, captioner.vocab, features, options)]
+    assert greedy_with_onnx(tmp_path, photos) == package
+    assert len(set(package)) == len(package)
