@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import os
 import platform
 import socket
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 from gradio_client import Client, handle_file
 
+from captioner.files import write_results
 from captioner import Captioner
 from captioner.inference import DEFAULT_CHECKPOINT
 from captioner.webapp import EXAMPLES_DIR, build_app, gallery_text
@@ -109,11 +109,8 @@ def main() -> None:
         "beam_size": args.beam_size, "correct": sum(ok for ok, _ in results),
         "median_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
         "requests_per_s": len(results) / wall, "wall_s": wall, "empty_app": empty}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     report = markdown(result)
-    (out / f"{args.name}.md").write_text(report)
+    write_results(args.out, args.name, result, report)
     print(report)
 
 

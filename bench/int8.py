@@ -27,6 +27,7 @@ import onnx
 import onnxruntime
 import torch
 
+from captioner.files import write_results
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main as captioner_main
 from captioner.encoder import encoder_from_config
@@ -119,11 +120,8 @@ def main() -> None:
                           "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
                           "avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
                           if Path("/proc/cpuinfo").is_file() else None}}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     report = markdown(result)
-    (out / f"{args.name}.md").write_text(report)
+    write_results(args.out, args.name, result, report)
     print(report)
 
 

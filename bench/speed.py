@@ -92,8 +92,8 @@ class Package:
                                      "no_repeat_ngram_size": defaults.no_repeat_ngram_size,
                                      "length_penalty": defaults.length_penalty}
 
-    def encoder_only(self, paths: list[str], batch_size: int, workers: int) -> int:
-        encoder, done = self.model.encoder, 0
+    def encoder_only(self, paths: list[str], batch_size: int, workers: int, encoder=None) -> int:
+        encoder, done = encoder or self.model.encoder, 0
         with torch.inference_mode():
             for indices, images, _ in self.iter_image_batches(paths, encoder.transform, batch_size, workers):
                 if images is not None:
@@ -107,13 +107,7 @@ class Package:
             config = self.model.config.encoder
             self.eager_encoder = type(self.model.encoder)(config.name, config.weights, config.image_size,
                                                           runtime="torch")
-        encoder, done = self.eager_encoder, 0
-        with torch.inference_mode():
-            for indices, images, _ in self.iter_image_batches(paths, encoder.transform, batch_size, workers):
-                if images is not None:
-                    encoder(images)
-                    done += len(indices)
-        return done
+        return self.encoder_only(paths, batch_size, workers, self.eager_encoder)
 
     def caption_folder(self, paths: list[str], beam_size: int, out: Path) -> dict[str, str]:
         """`captioner caption PATHS --out out.jsonl --beam-size B --overwrite`, in process, with its defaults."""

@@ -85,3 +85,11 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, reward_name: str 
     figure.tight_layout()
     write_atomic(path, lambda temporary: figure.savefig(temporary, dpi=100, format="png"))
     plt.close(figure)
+
+
+def write_results(out_dir: str | Path, name: str, result: dict, report: str) -> None:
+    """A bench's results: NAME.json (the numbers) and NAME.md (the report people read), side by side."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / f"{name}.json", json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out / f"{name}.md", report)
