@@ -21,6 +21,7 @@ from captioner.data import load_flickr8k, load_refs_folder
 from captioner.evaluate import readable
 from captioner.fallback import plural
 from captioner.features import cached_features
+from captioner.files import write_results
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.metrics import caption_scores, overlap_scores, without_person_dog
 from captioner.search import constrained_beam_search
@@ -99,11 +100,9 @@ def main() -> None:
     for name, changed in examples.items():
         lines += ["", f"## {name}: captions changed at {args.above[len(args.above) // 2]}", "",
                   "| before | with the tag required |", "|---|---|"] + [f"| {a} | {b} |" for a, b in changed]
-    out = Path(args.out)
-    (out / "constrained-tags.md").write_text("\n".join(lines) + "\n")
-    (out / "constrained-tags.json").write_text(json.dumps({"machine": machine, "rows": rows, "examples": examples},
-                                                          indent=1) + "\n")
-    print(f"wrote {out / 'constrained-tags.md'} and .json")
+    write_results(args.out, "constrained-tags", {"machine": machine, "rows": rows, "examples": examples},
+                  "\n".join(lines) + "\n")
+    print(f"wrote {Path(args.out) / 'constrained-tags.md'} and .json")
 
 
 if __name__ == "__main__":

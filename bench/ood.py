@@ -20,6 +20,7 @@ import torch
 from captioner.data import load_flickr8k, load_refs_folder
 from captioner.evaluate import readable
 from captioner.features import cached_features
+from captioner.files import write_results
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.metrics import caption_scores, overlap_scores, without_person_dog
 from captioner.text import tokenize
@@ -96,12 +97,9 @@ def main() -> None:
                   "|---|---|---|---|---|"]
         lines += [f"| {r['image']} | {r['caption']} | {', '.join(f'{w} {p:.2f}' for w, p in r['tags'])} | "
                   f"{'yes' if r['unsure'] else ''} | {r['reference']} |" for r in rows]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
-    (out / f"{args.name}.json").write_text(json.dumps({"checkpoint": args.checkpoint, "machine": machine,
-                                                       "results": results, "first_20": listings}, indent=1) + "\n")
-    print(f"wrote {out / args.name}.md and .json")
+    write_results(args.out, args.name, {"checkpoint": args.checkpoint, "machine": machine, "results": results,
+                                        "first_20": listings}, "\n".join(lines) + "\n")
+    print(f"wrote {Path(args.out) / args.name}.md and .json")
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def _decode_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("how the CNN runs on a CPU (default: the checkpoint's encoder config, "
-                                      "auto and fp32)")
+    group = parser.add_argument_group("how the CNN and the decoder's steps run on a CPU (default: the "
+                                      "checkpoint's encoder config, auto and fp32)")
     group.add_argument("--runtime", choices=["auto", "torch", "onnx"],
                        help="auto: ONNX Runtime when installed (faster), torch otherwise; a GPU always runs torch")
     group.add_argument("--precision", choices=["fp32", "int8"],

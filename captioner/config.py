@@ -33,7 +33,8 @@ class EncoderConfig:
     image_size: int = 224  # images are resized to image_size x image_size (aspect not kept, as the training photos)
     batch_size: int = 16
     num_workers: int = 1  # processes decoding images while the CNN runs
-    runtime: str = "auto"  # auto: ONNX Runtime on a CPU when installed, torch on a GPU | torch | onnx (onnx_runtime.py)
+    runtime: str = "auto"  # auto: ONNX Runtime on a CPU when installed, torch on a GPU | torch | onnx (onnx_runtime.py);
+    # captioning steps the decoders in the same runtime (training always uses torch)
     precision: str = "fp32"  # fp32 | int8: the CNN quantized by `captioner calibrate-int8` (ONNX Runtime, CPU)
 
 

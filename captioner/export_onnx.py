@@ -16,10 +16,8 @@ numpy and onnxruntime and gets the package's greedy captions. (Beam search, the 
 """
 from __future__ import annotations
 
-import io
 import json
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -29,16 +27,11 @@ from .checkpoint import load_checkpoint
 from .concepts import MIN_TAG_PROBABILITY, TOP_TAGS, default_concept_words
 from .config import Config, ConfigError, apply_override
 from .encoder import EncoderError, encoder_from_config
-from .onnx_runtime import OPSET, EncoderGraph, export_encoder, graph_path
+from .onnx_runtime import (OPSET, EncoderGraph, export_decoder_step, export_encoder, export_module, graph_path,
+                           state_names)
 from .search import NEVER_EMITTED
 
 FORMAT, VERSION = "captioner-onnx", 1
-
-
-def state_names(decoder) -> list[str]:
-    """The decoder state's tensors, in the order init_state returns them."""
-    names = ["h", "c"] if decoder.cell == "lstm" else ["h"]
-    return names + (["memory", "keys"] if decoder.uses_grid else [])
 
 
 class _Init(nn.Module):
@@ -53,38 +46,15 @@ class _Init(nn.Module):
         return tuple(state) if isinstance(state, tuple) else (state,)
 
 
-class _Step(nn.Module):
-    def __init__(self, decoder):
-        super().__init__()
-        self.decoder = decoder
-
-    def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
-        log_probs, state = self.decoder.step(tokens, state if len(state) > 1 else state[0])
-        return (log_probs, *(state if isinstance(state, tuple) else (state,)))
-
-
-def _export(module: nn.Module, inputs: tuple, path: Path, input_names: list[str], output_names: list[str],
-            batch_axes: dict[str, int]) -> None:
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's notes (RNN batch sizes, its deprecation)
-        torch.onnx.export(module.eval(), inputs, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
-                          output_names=output_names, dynamic_axes={k: {v: "batch"} for k, v in batch_axes.items()})
-    path.write_bytes(buffer.getvalue())
-
-
 def export_decoder(decoder, feature_shape: tuple[int, ...], out_dir: Path) -> dict:
     """decoder_init.onnx and decoder_step.onnx; returns their inputs and outputs for captioner.json."""
     names = state_names(decoder)
     features = torch.zeros(2, *feature_shape)
-    _export(_Init(decoder), (features,), out_dir / "decoder_init.onnx", ["features"], names,
-            {"features": 0, **{n: 1 for n in names}})
+    export_module(_Init(decoder), (features,), out_dir / "decoder_init.onnx", ["features"], names,
+                  {"features": 0, **{n: 1 for n in names}})
     with torch.no_grad():
         state = _Init(decoder)(features)
-    step_outputs = ["log_probs", *(f"next_{n}" for n in names)]
-    _export(_Step(decoder), (torch.ones(2, dtype=torch.long), *state), out_dir / "decoder_step.onnx",
-            ["tokens", *names], step_outputs, {"tokens": 0, "log_probs": 0, **{n: 1 for n in names},
-                                               **{f"next_{n}": 1 for n in names}})
+    step_outputs = export_decoder_step(decoder, state, out_dir / "decoder_step.onnx")
     return {"decoder_init": {"file": "decoder_init.onnx", "inputs": ["features"], "outputs": names},
             "decoder_step": {"file": "decoder_step.onnx", "inputs": ["tokens", *names], "outputs": step_outputs,
                              "state_batch_axis": 1}}

@@ -79,6 +79,10 @@ class Captioner:
         self.concept_words = default_concept_words()
         self.domain = domain
         self.fallback = (fallback[0], fallback[1].to(self.device).eval()) if fallback else None
+        # The search steps the decoders in the encoder's runtime: on ONNX Runtime, a CPU's step is ~8x faster.
+        self.step_runtime = self.encoder.runtime_on(self.device)
+        self.searched = self.on_step_runtime(self.decoder)
+        self.searched_fallback = self.on_step_runtime(self.fallback[1]) if fallback else None
         self.borrowing = WordBorrowing(self.concept_words, fallback[0], encoder.class_weights()) if fallback else None
 
     @classmethod
@@ -110,6 +114,13 @@ class Captioner:
         domain = DomainProfile.from_dict(payload["domain"]) if payload.get("domain") else None
         return cls(config, vocab, decoder, encoder, device, domain, load_fallback(payload, path))
 
+    def on_step_runtime(self, decoder):
+        if self.step_runtime != "onnx":
+            return decoder
+        from .onnx_runtime import DecoderSession
+
+        return DecoderSession(decoder)
+
     def decode_options(self, **overrides) -> DecodeConfig:
         options = replace(self.config.decode, **{k: v for k, v in overrides.items() if v is not None})
         probe = Config(decode=options)
@@ -132,7 +143,7 @@ class Captioner:
         from_photo = [i for i, u in enumerate(unsure) if not (u and self.fallback)]
         if from_photo:
             rows = torch.tensor(from_photo, device=features.device)
-            for i, captions in zip(from_photo, decode_features(self.decoder, self.vocab, features[rows], decode, n_best)):
+            for i, captions in zip(from_photo, decode_features(self.searched, self.vocab, features[rows], decode, n_best)):
                 results[i] = captions
         dog = self.concept_words.word_probabilities(class_probs)[:, self.concept_words.words.index("dog")]
         for i in from_photo:  # Flickr8k's prior writes dogs into photos of anything: the encoder knows better
@@ -144,8 +155,8 @@ class Captioner:
             rows = torch.tensor(from_tags, device=features.device)
             tag_vectors, renames = self.borrowing.lend(decoder.tag_vector(class_probs[rows]).cpu())
             # Captions from a few tags repeat their nouns ("a sink and a sink"): each content word once.
-            captions = decode_features(OnceOnlyWords(decoder, vocab), vocab, tag_vectors.to(features.device),
-                                       decode, n_best)
+            captions = decode_features(OnceOnlyWords(self.searched_fallback, vocab), vocab,
+                                       tag_vectors.to(features.device), decode, n_best)
             for i, image_captions, image_renames in zip(from_tags, captions, renames):
                 results[i] = [replace(c, text=self.borrowing.rename(c.text, image_renames), from_tags=True)
                               for c in image_captions]

@@ -3,18 +3,24 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
-
-from nltk.tokenize import TreebankWordTokenizer
+from functools import cache
 
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIALS = (PAD, BOS, EOS, UNK)
 
-_treebank = TreebankWordTokenizer()  # rule-based: needs no downloaded nltk data
+
+@cache
+def _treebank():
+    """nltk's rule-based Treebank tokenizer (no downloaded data), imported on first use: importing nltk
+    takes 0.3 s, which captioning photos never needs."""
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return TreebankWordTokenizer()
 
 
 def tokenize(caption: str) -> list[str]:
     """Lowercase Treebank tokens, keeping only those with a letter or digit (drops '.', ',')."""
-    return [token for token in _treebank.tokenize(caption.lower()) if any(ch.isalnum() for ch in token)]
+    return [token for token in _treebank().tokenize(caption.lower()) if any(ch.isalnum() for ch in token)]
 
 
 class Vocabulary:

@@ -45,6 +45,29 @@ def test_onnx_encoder_gives_pytorchs_features_and_is_the_cpu_default(shapes):
     assert onnx.cache_key("cuda") == eager.cache_key()
 
 
+@pytest.mark.parametrize("cell,attention", [("gru", False), ("lstm", False), ("rnn", False), ("lstm", True)])
+def test_decoder_step_on_onnx_runtime_gives_the_torch_decoders_numbers_and_captions(cell, attention):
+    from captioner.config import DecoderConfig
+    from captioner.decoder import build_decoder
+    from captioner.onnx_runtime import DecoderSession
+    from captioner.search import beam_search
+
+    torch.manual_seed(0)
+    decoder = build_decoder(40, 16, DecoderConfig(cell=cell, embed_dim=8, hidden_dim=12, attention=attention,
+                                                  attention_dim=6)).eval()
+    session = DecoderSession(decoder)
+    features = torch.randn(5, 4, 16) if attention else torch.randn(5, 16)
+    state = decoder.init_state(features)
+    tokens = torch.arange(4, 9)
+    (log_probs, next_state), (onnx_log_probs, onnx_next_state) = decoder.step(tokens, state), session.step(tokens, state)
+    assert (onnx_log_probs - log_probs).abs().max() < 1e-5
+    for ours, theirs in zip(*(s if isinstance(s, tuple) else (s,) for s in (onnx_next_state, next_state))):
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5
+    options = dict(beam_size=3, max_length=8, no_repeat_ngram_size=2, n_best=3)
+    assert [[h.tokens for h in hyps] for hyps in beam_search(session, features, **options)] == \
+           [[h.tokens for h in hyps] for hyps in beam_search(decoder, features, **options)]
+
+
 def test_runtime_choices_are_checked():
     with pytest.raises(EncoderError, match="int8 runs on ONNX Runtime"):
         Encoder(image_size=64, runtime="torch", precision="int8")
@@ -57,6 +80,7 @@ def test_captions_are_the_same_on_either_runtime(trained, shapes):
     onnx = Captioner.from_checkpoint(checkpoint, runtime="onnx")
     eager = Captioner.from_checkpoint(checkpoint, runtime="torch")
     assert onnx.encoder.runtime == "onnx" and eager.encoder.runtime == "torch"
+    assert onnx.searched is not onnx.decoder and eager.searched is eager.decoder  # the decoder's step too
     for beam_size in (1, 3):
         assert [c.text for c in onnx.caption(shapes, beam_size=beam_size)] == \
                [c.text for c in eager.caption(shapes, beam_size=beam_size)]
@@ -156,3 +180,11 @@ def test_shipped_model_exported_to_onnx_captions_the_example_photos_as_the_packa
     package = [c[0].text for c in decode_features(captioner.decoder, captioner.vocab, features, options)]
     assert greedy_with_onnx(tmp_path, photos) == package
     assert len(set(package)) == len(package)
+
+
+def test_shipped_model_captions_the_example_photos_alike_on_either_runtime():
+    """Both decoders (the scene's and the fallback's, behind OnceOnlyWords) step on ONNX Runtime by default."""
+    photos = [str(p) for p in EXAMPLES]
+    onnx, eager = Captioner.from_checkpoint(runtime="onnx"), Captioner.from_checkpoint(runtime="torch")
+    assert [c.text for c in onnx.caption(photos)] == [c.text for c in eager.caption(photos)]
+    assert any(c.from_tags for c in onnx.caption(photos))
