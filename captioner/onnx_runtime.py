@@ -98,11 +98,22 @@ def encoder_graph(encoder, precision: str = "fp32") -> Path | bytes:
         buffer = io.BytesIO()
         export_encoder(encoder, buffer)
         return buffer.getvalue()
-    path = graph_path(encoder, "fp32")
-    if not path.is_file():
-        buffer = io.BytesIO()
-        export_encoder(encoder, buffer)
+    return cached_graph(graph_path(encoder, "fp32"), lambda buffer: export_encoder(encoder, buffer))
+
+
+def cached_graph(path: Path, export) -> Path | bytes:
+    """The graph file at `path` in the cache, made by export(buffer) when missing; where the cache cannot be
+    written (a read-only home), the graph's bytes, with a warning: it is then exported in every process."""
+    if path.is_file():
+        return path
+    buffer = io.BytesIO()
+    export(buffer)
+    try:
         write_graph(path, buffer.getvalue())
+    except OSError as error:
+        warnings.warn(f"cannot keep ONNX graphs in {path.parent} ({error}); set CAPTIONER_CACHE to a writable "
+                      f"folder, or each process exports them again", stacklevel=2)
+        return buffer.getvalue()
     return path
 
 
@@ -165,19 +176,15 @@ def export_decoder_step(decoder, state: tuple[torch.Tensor, ...], target: str | 
     return outputs
 
 
-def decoder_step_graph(decoder, state: tuple[torch.Tensor, ...]) -> Path:
+def decoder_step_graph(decoder, state: tuple[torch.Tensor, ...]) -> Path | bytes:
     """The decoder's step graph, in the cache under a hash of its weights and state shapes (exported now if
     missing: 0.4 s for the shipped model, against 20 ms to hash it)."""
     digest = hashlib.sha256(f"{type(decoder).__name__} {[tuple(s.shape[2:]) for s in state]}".encode())
     for key, tensor in sorted(decoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    path = cache_dir() / f"decoder-step-{digest.hexdigest()[:16]}-v{GRAPH_VERSION}.onnx"
-    if not path.is_file():
-        buffer = io.BytesIO()
-        export_decoder_step(decoder, state, buffer)
-        write_graph(path, buffer.getvalue())
-    return path
+    return cached_graph(cache_dir() / f"decoder-step-{digest.hexdigest()[:16]}-v{GRAPH_VERSION}.onnx",
+                        lambda buffer: export_decoder_step(decoder, state, buffer))
 
 
 class DecoderSession:

@@ -62,6 +62,9 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
     log = (lambda message: print(message, file=sys.stderr)) if ranks.is_main else (lambda message: None)
     config, state = open_run(config, resume, ranks, log)
     data = load_training_data(config, state, device, progress, ranks, log)
+    # Seeded here, after the features: extracting them (a cold cache) draws from torch's generator (DataLoader
+    # seeds), reading them (a warm cache) does not, and the decoder's initial weights must not depend on which.
+    torch.manual_seed(config.train.seed + ranks.rank)  # dropout draws differ per rank; data order does not
     learner = build_learner(config, data, device)
     standing = restore_training(state, learner, config, ranks, device, log) if state else Standing()
     if ranks.distributed:
@@ -95,7 +98,7 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
 # --- the run: new, or resumed from last.pt ---------------------------------------------------------
 
 def open_run(config: Config, resume: bool, ranks: Ranks, log) -> tuple[Config, dict | None]:
-    """The run's config and, with --resume, the checkpoint it continues from; seeds torch, writes config.yaml."""
+    """The run's config and, with --resume, the checkpoint it continues from; writes config.yaml."""
     out_dir = Path(config.train.out_dir)
     last_path = out_dir / "last.pt"
     state = None
@@ -114,7 +117,6 @@ def open_run(config: Config, resume: bool, ranks: Ranks, log) -> tuple[Config, d
                             f"or choose another train.out_dir")
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
-    torch.manual_seed(config.train.seed + ranks.rank)  # dropout draws differ per rank; data order does not
     if ranks.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))

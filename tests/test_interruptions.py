@@ -73,6 +73,19 @@ def test_training_killed_mid_run_and_resumed_ends_as_an_uninterrupted_run(tiny_f
         assert torch.equal(moments[index]["exp_avg_sq"], state["exp_avg_sq"]), index
 
 
+def test_a_run_on_a_cold_feature_cache_trains_the_same_model_as_on_a_warm_one(tiny_flickr8k, tmp_path):
+    """Same seed, same model, whether the features were extracted (drawing DataLoader seeds) or read from the cache."""
+    cache = tmp_path / "cache"
+    for name in ("cold", "warm"):  # the second run finds the first's features in the cache
+        config = tiny_config(tiny_flickr8k, tmp_path / name, cache, epochs=1, batch_size=8, threads=1)
+        config.encoder.num_workers = 1  # extraction through a worker process: the draws a cold cache makes
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(config.to_dict()))
+        assert main(["train", "--config", str(tmp_path / f"{name}.yaml"), "--no-progress"]) == 0
+    cold, warm = read_checkpoint(tmp_path / "cold" / "best.pt"), read_checkpoint(tmp_path / "warm" / "best.pt")
+    for key, weight in cold["decoder"].items():
+        assert torch.equal(warm["decoder"][key], weight), key
+
+
 def test_the_gpu_random_state_is_saved_and_restored_with_the_cpu_one(monkeypatch):
     """Without a GPU: torch.cuda's two state functions are stood in for by one fake generator state."""
     gpu = {"state": torch.tensor([1, 2, 3], dtype=torch.uint8)}

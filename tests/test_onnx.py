@@ -68,6 +68,17 @@ def test_decoder_step_on_onnx_runtime_gives_the_torch_decoders_numbers_and_capti
            [[h.tokens for h in hyps] for hyps in beam_search(decoder, features, **options)]
 
 
+def test_an_unwritable_graph_cache_costs_time_not_captions(trained, shapes, tmp_path, monkeypatch):
+    checkpoint = trained[1] / "best.pt"
+    expected = [c.text for c in Captioner.from_checkpoint(checkpoint, runtime="torch").caption(shapes, beam_size=2)]
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path / "a-file"))  # the cache's folder cannot be made
+    captioner = Captioner.from_checkpoint(checkpoint, runtime="onnx")
+    with pytest.warns(UserWarning, match="cannot keep ONNX graphs .* CAPTIONER_CACHE"):
+        captions = [c.text for c in captioner.caption(shapes, beam_size=2)]
+    assert captions == expected
+
+
 def test_runtime_choices_are_checked():
     with pytest.raises(EncoderError, match="int8 runs on ONNX Runtime"):
         Encoder(image_size=64, runtime="torch", precision="int8")
