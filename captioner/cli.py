@@ -86,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     caption.add_argument("--out", help="write rows to FILE.jsonl or FILE.csv (default: print)")
     caption.add_argument("--batch-size", type=int, default=128,
                          help="images captioned together: beam search runs on the whole batch, the CNN on chunks "
-                              "of 4 of them on a CPU (fastest there); rows are written after each batch")
+                              "of 4 of them on a CPU (fastest there); a batch's rows are written once the next batch is encoded "
+                              "(its search runs meanwhile) or at the end")
     caption.add_argument("--workers", type=int, help="processes decoding image files (local engine); default: 0 "
                          "on a CPU whose cores torch already uses (decoding there only takes turns with the CNN), else 1")
     caption.add_argument("--overwrite", action="store_true", help="redo images already captioned in --out")
