@@ -1,6 +1,7 @@
 """Load on the web app: N requests from T threads through gradio_client; median and p95 latency.
 
     python bench/app_load.py [--checkpoint CKPT] [--requests 50] [--threads 8] [--beam-size 3] [--out bench/results]
+                             [--client-process] [--compare-empty] [--name NAME]
 
 Starts the app on a free localhost port with the given (default: shipped) model, checks every
 answer against a caption computed alone, and prints the latencies and the machine.
@@ -10,13 +11,14 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import multiprocessing
 import os
 import platform
 import socket
 import statistics
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,6 +32,25 @@ from captioner.webapp import EXAMPLES_DIR, build_app, gallery_text
 REPO = Path(__file__).resolve().parents[1]
 
 
+def run_load(url: str, photos: list[Path], expected: dict, decoding: dict, threads: int,
+             requests: int) -> tuple[list, float]:
+    """`requests` requests from `threads` gradio_client threads: [(answer correct, seconds)], wall seconds."""
+    clients = [Client(url, verbose=False) for _ in range(threads)]
+
+    def request(i: int):
+        photo = photos[i % len(photos)]
+        started = time.perf_counter()
+        gallery, _ = clients[i % threads].predict(
+            [handle_file(str(photo))], "beam", decoding["beam_size"], decoding["max_length"],
+            decoding["length_penalty"], decoding["no_repeat_ngram_size"], 1, api_name="/caption")
+        return gallery[0]["caption"] == expected[photo.name], time.perf_counter() - started
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = list(pool.map(request, range(requests)))
+    return results, time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint")
@@ -38,6 +59,9 @@ def main() -> None:
     parser.add_argument("--beam-size", type=int, default=3)
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="app_load", help="writes NAME.md and NAME.json")
+    parser.add_argument("--client-process", action="store_true",
+                        help="run the clients in a process of their own, as real users are (default: threads of "
+                             "this process, where they share the server's and the model's interpreter lock)")
     parser.add_argument("--compare-empty", action="store_true",
                         help="then the same load on an empty app of the same shape (the same page, endpoint and "
                              "queue, answering at once without the model): Gradio's own ceiling on this machine")
@@ -56,20 +80,11 @@ def main() -> None:
     expected = {p.name: gallery_text(captioner.caption(p, **decoding)) for p in photos}  # as the app shows it
 
     def load(url: str) -> tuple[list, float]:
-        clients = [Client(url, verbose=False) for _ in range(args.threads)]
-
-        def request(i: int):
-            photo = photos[i % len(photos)]
-            started = time.perf_counter()
-            gallery, _ = clients[i % args.threads].predict(
-                [handle_file(str(photo))], "beam", decoding["beam_size"], decoding["max_length"],
-                decoding["length_penalty"], decoding["no_repeat_ngram_size"], 1, api_name="/caption")
-            return gallery[0]["caption"] == expected[photo.name], time.perf_counter() - started
-
-        started = time.perf_counter()
-        with ThreadPoolExecutor(max_workers=args.threads) as pool:
-            results = list(pool.map(request, range(args.requests)))
-        return results, time.perf_counter() - started
+        job = (url, photos, expected, decoding, args.threads, args.requests)
+        if not args.client_process:
+            return run_load(*job)
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
+            return client.submit(run_load, *job).result()
 
     results, wall = load(url)
     app.close()
@@ -106,7 +121,8 @@ def main() -> None:
                     "load_average_end": os.getloadavg()[0]},
         "checkpoint": f"{shown} (sha256 {hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]})",
         "photos": [p.name for p in photos], "requests": args.requests, "threads": args.threads,
-        "beam_size": args.beam_size, "correct": sum(ok for ok, _ in results),
+        "beam_size": args.beam_size, "clients": "own process" if args.client_process else "threads of the server's process",
+        "correct": sum(ok for ok, _ in results),
         "median_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
         "requests_per_s": len(results) / wall, "wall_s": wall, "empty_app": empty}
     report = markdown(result)
@@ -120,7 +136,8 @@ def markdown(result: dict) -> str:
         f"# The web app under load: {result['requests']} requests from {result['threads']} threads, "
         f"beam {result['beam_size']}", "",
         f"`{result['command']}`: the app (`captioner.webapp.build_app`, queued as `python app.py` serves it) on a "
-        f"localhost port, model `{result['checkpoint']}`, requests through `gradio_client` cycling over the example "
+        f"localhost port, model `{result['checkpoint']}`, requests through `gradio_client` (clients: "
+        f"{result['clients']}) cycling over the example "
         f"photos ({', '.join(result['photos'])}); each answer is checked against the caption of that photo "
         "computed alone.", "",
         f"Machine: {info['processor']}, {info['cpu_count']} CPUs, {info['platform']}, Python {info['python']}, "
