@@ -9,6 +9,7 @@ import hashlib
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +48,23 @@ IN_PROCESS_UP_TO = 64  # starting a worker process costs 0.1-0.4 s, more than de
 
 def iter_image_batches(sources: Sequence[ImageSource], transform: ImageTransform, batch_size: int,
                        num_workers: int) -> Iterator[tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]]:
-    """Decode and transform images in worker processes: yields (indices, batch, [(index, error)])."""
+    """Decode and transform images in worker processes: yields (indices, batch, [(index, error)]).
+
+    Without worker processes the next batch is decoded in a thread while the caller encodes this one (Pillow
+    releases the interpreter lock while it decodes): about 5% more images/s when captioning on 2 cores."""
     in_memory = any(not isinstance(s, (str, Path)) for s in sources)
     workers = 0 if in_memory or len(sources) <= max(batch_size, IN_PROCESS_UP_TO) else num_workers
     loader = DataLoader(_ImageFiles(sources, transform), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False)
-    yield from loader
+    if workers:
+        yield from loader
+        return
+    batches = iter(loader)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="captioner-decode") as decoder:
+        upcoming = decoder.submit(next, batches, None)
+        while (batch := upcoming.result()) is not None:
+            upcoming = decoder.submit(next, batches, None)
+            yield batch
 
 
 @torch.inference_mode()
