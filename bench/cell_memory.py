@@ -31,7 +31,7 @@ from captioner.config import Config, apply_override
 from captioner.data import load_dataset
 from captioner.memory import accuracy_by_position, gradient_through_time, image_influence
 from captioner.evaluate import prepare_features, readable
-from captioner.files import read_metrics
+from captioner.files import read_metrics, write_results
 from captioner.train import caption_tensor
 
 
@@ -162,9 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     plot(results, args.length, args.out / f"{args.name}.png")
     meta = {"command": command, "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
             "torch": str(torch.__version__), "length": args.length, "seed": args.seed, "note": args.note}
-    (args.out / f"{args.name}.json").write_text(json.dumps({**meta, "cells": results}, indent=1))
     text = report(results, args.length, command, args.note)
-    (args.out / f"{args.name}.md").write_text(text)
+    write_results(args.out, args.name, {**meta, "cells": results}, text)
     print(text)
     return 0
 

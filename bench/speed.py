@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import captioner as current
+from captioner.files import write_results
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_FOLDER = "data/flickr8k/images"  # where README's `captioner download flickr8k` puts them
@@ -256,11 +257,8 @@ def main() -> None:
     for label in latencies.keys() - {"now"}:
         now, other = captions["captioner caption, beam 3"], captions[f"{label}: captioner caption, beam 3"]
         result[f"summary_{label}"]["caption_beam3_mismatches_vs_now"] = sum(now[p] != other.get(p) for p in paths)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     report = markdown(result, " ".join(["python bench/speed.py", *sys.argv[1:]]))
-    (out / f"{args.name}.md").write_text(report)
+    write_results(args.out, args.name, result, report)
     print(report)
 
 

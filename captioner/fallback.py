@@ -26,7 +26,7 @@ import random
 import torch
 from torch import nn
 
-from .concepts import ConceptWords, default_concept_words
+from .concepts import ConceptWords, Tag, default_concept_words
 from .config import DecoderConfig
 from .decoder import CaptionDecoder
 from .metrics import PERSON_WORDS, mentions_dog
@@ -185,10 +185,13 @@ class TagDecoder(CaptionDecoder):
         scaled to sum to 1. On a strange photo the head spreads itself over classes no caption word names
         (bears at 0.2), and the unscaled weak tags read as "no tag": "a cat sitting on a wooden bench".
         Scaled, the photo is what the head can name of it: "a polar bear walking in the grass"."""
-        vector = torch.zeros(len(class_probs), len(self.concept_words.words))
+        return self.tag_vectors(self.concept_words.tags(class_probs)).to(class_probs.device)
+
+    def tag_vectors(self, tags: list[list[Tag]]) -> torch.Tensor:
+        """Each image's tags (ConceptWords.tags) -> its tag vector [W], as `tag_vector` makes it; on the CPU."""
+        vector = torch.zeros(len(tags), len(self.concept_words.words))
         position = {word: i for i, word in enumerate(self.concept_words.words)}
-        for row, tags in enumerate(self.concept_words.tags(class_probs)):
-            for word, probability in tags:
+        for row, image_tags in enumerate(tags):
+            for word, probability in image_tags:
                 vector[row, position[word]] = probability
-        vector = vector / vector.sum(1, keepdim=True).clamp_min(1e-6)
-        return vector.to(class_probs.device)
+        return vector / vector.sum(1, keepdim=True).clamp_min(1e-6)

@@ -80,8 +80,7 @@ class Captioner:
         self.concept_words = default_concept_words()
         self.domain = domain
         self.fallback = (fallback[0], fallback[1].to(self.device).eval()) if fallback else None
-        # The search steps the decoders in the encoder's runtime: on ONNX Runtime, a CPU's step is ~8x faster.
-        self.step_runtime = self.encoder.runtime_on(self.device)
+        # The search steps the decoders in the encoder's runtime: on ONNX Runtime, a CPU's steps are faster.
         self.searched = self.on_step_runtime(self.decoder)
         self.searched_fallback = self.on_step_runtime(self.fallback[1]) if fallback else None
         self.borrowing = WordBorrowing(self.concept_words, fallback[0], encoder.class_weights()) if fallback else None
@@ -116,7 +115,7 @@ class Captioner:
         return cls(config, vocab, decoder, encoder, device, domain, load_fallback(payload, path))
 
     def on_step_runtime(self, decoder):
-        if self.step_runtime != "onnx":
+        if self.encoder.runtime_on(self.device) != "onnx":
             return decoder
         from .onnx_runtime import DecoderSession
 
@@ -138,6 +137,7 @@ class Captioner:
         """
         pooled = features.float().mean(1) if self.decoder.uses_grid else features
         class_probs = self.encoder.classify(pooled)
+        tags = self.concept_words.tags(class_probs)
         confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(features)
         unsure = [c is not None and c < decode.unsure_below for c in confidence]
         results: list[list[Caption]] = [[] for _ in range(len(features))]
@@ -154,15 +154,14 @@ class Captioner:
         if from_tags:
             vocab, decoder = self.fallback
             rows = torch.tensor(from_tags, device=features.device)
-            tag_vectors, renames = self.borrowing.lend(decoder.tag_vector(class_probs[rows]).cpu())
+            tag_vectors, renames = self.borrowing.lend(decoder.tag_vectors([tags[i] for i in from_tags]))
             # Captions from a few tags repeat their nouns ("a sink and a sink"): each content word once.
             captions = decode_features(OnceOnlyWords(self.searched_fallback, vocab), vocab,
                                        tag_vectors.to(features.device), decode, n_best)
             for i, image_captions, image_renames in zip(from_tags, captions, renames):
                 results[i] = [replace(c, text=self.borrowing.rename(c.text, image_renames), from_tags=True)
                               for c in image_captions]
-        for captions, image_tags, image_confidence, image_unsure in zip(
-                results, self.concept_words.tags(class_probs), confidence, unsure):
+        for captions, image_tags, image_confidence, image_unsure in zip(results, tags, confidence, unsure):
             for caption in captions:
                 caption.tags, caption.confidence, caption.unsure = image_tags, image_confidence, image_unsure
         return results

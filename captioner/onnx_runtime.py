@@ -123,7 +123,7 @@ def session_options(threads: int | None = None):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
-    # Idle threads must not spin: between CNN calls the decoder runs on the same cores, in torch.
+    # Idle threads must not spin: between calls, beam search's bookkeeping (torch) runs on the same cores.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
