@@ -10,9 +10,10 @@ Graph: input `images` [B, 3, S, S] float32 (the transform's output); outputs `po
 [B, D, H, W] and `class_probs` [B, 1000] (the CNN's own ImageNet head, for other runtimes: export_onnx.py).
 
 The decoder's step (one word for every beam) runs here too when the encoder does (`DecoderSession`): a
-step reads the whole decoder's weights for a handful of rows, and PyTorch eager spends 2.8 ms on it for
-one photo's 3 beams where ONNX Runtime spends 0.3 ms (1.3x faster at 384 rows); log-probabilities agree
-to about 1e-6. `init_state` stays in PyTorch: it runs once per batch.
+step reads the whole decoder's weights for a handful of rows, where PyTorch eager adds its per-call
+overhead to every layer. The graph of a CaptionDecoder's step is FoldedStep: the cell's equations with
+the embedding and the first input projection folded into one table. Log-probabilities agree with
+PyTorch's to about 1e-6. `init_state` stays in PyTorch: it runs once per batch.
 """
 from __future__ import annotations
 
@@ -155,6 +156,55 @@ class DecoderStep(nn.Module):
         return (log_probs, *(state if isinstance(state, tuple) else (state,)))
 
 
+class FoldedStep(nn.Module):
+    """DecoderStep for a CaptionDecoder, written out as its cell's equations (those of nn.GRU, nn.LSTM and
+    nn.RNN) with the first layer's input projection folded into a table of one row per word
+    (embed @ W_ih + b_ih). A step is bound by reading the weights, not by arithmetic: the table turns
+    a third of them (W_ih) into a lookup of N rows, so a step takes 1.2-1.6x less time in ONNX Runtime
+    (bench/speed.py); log-probabilities agree with the torch decoder's to about 1e-6."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        rnn = decoder.rnn
+        self.cell, self.layers = decoder.cell, rnn.num_layers
+        self.activation = torch.relu if getattr(rnn, "nonlinearity", "tanh") == "relu" else torch.tanh
+        with torch.no_grad():
+            self.table = nn.Parameter(decoder.embed.weight.float() @ rnn.weight_ih_l0.float().T + rnn.bias_ih_l0)
+        self.rnn, self.out = rnn, decoder.out
+
+    def forward(self, tokens: torch.Tensor, *state: torch.Tensor):
+        h, c = state[0], state[1] if self.cell == "lstm" else None
+        below, hs, cs = None, [], []
+        for layer in range(self.layers):
+            weights = [getattr(self.rnn, f"{name}_l{layer}") for name in ("weight_ih", "bias_ih", "weight_hh", "bias_hh")]
+            projected = self.table[tokens] if layer == 0 else nn.functional.linear(below, weights[0], weights[1])
+            recurrent = nn.functional.linear(h[layer], weights[2], weights[3])
+            if self.cell == "gru":
+                x_r, x_z, x_n = projected.chunk(3, 1)
+                h_r, h_z, h_n = recurrent.chunk(3, 1)
+                reset, update = torch.sigmoid(x_r + h_r), torch.sigmoid(x_z + h_z)
+                below = (1 - update) * torch.tanh(x_n + reset * h_n) + update * h[layer]
+            elif self.cell == "lstm":
+                i, f, g, o = (projected + recurrent).chunk(4, 1)
+                cs.append(torch.sigmoid(f) * c[layer] + torch.sigmoid(i) * torch.tanh(g))
+                below = torch.sigmoid(o) * torch.tanh(cs[-1])
+            else:
+                below = self.activation(projected + recurrent)
+            hs.append(below)
+        log_probs = torch.log_softmax(self.out(below).float(), dim=-1)
+        return (log_probs, torch.stack(hs), *([torch.stack(cs)] if cs else []))
+
+
+def folds(decoder) -> bool:
+    """Whether `decoder`'s step graph is a FoldedStep (CaptionDecoder and its subclasses) or a DecoderStep."""
+    return isinstance(getattr(decoder, "rnn", None), (nn.GRU, nn.LSTM, nn.RNN)) and not decoder.uses_grid
+
+
+def step_module(decoder) -> nn.Module:
+    """What the step graph of `decoder` is exported from."""
+    return FoldedStep(decoder) if folds(decoder) else DecoderStep(decoder)
+
+
 def export_module(module: nn.Module, inputs: tuple, target: str | Path | io.BytesIO, input_names: list[str],
                   output_names: list[str], batch_axes: dict[str, int]) -> None:
     """A module (eval mode, no gradients) to an ONNX graph whose `batch_axes` are dynamic."""
@@ -170,7 +220,7 @@ def export_decoder_step(decoder, state: tuple[torch.Tensor, ...], target: str | 
     outputs = ["log_probs", *(f"next_{n}" for n in names)]
     with torch.inference_mode(False):  # fresh tensors: the caller's may be inference tensors
         example = tuple(torch.zeros(s.shape[0], 2, *s.shape[2:]) for s in state)
-        export_module(DecoderStep(decoder), (torch.ones(2, dtype=torch.long), *example), target,
+        export_module(step_module(decoder), (torch.ones(2, dtype=torch.long), *example), target,
                       ["tokens", *names], outputs, {"tokens": 0, "log_probs": 0, **{n: 1 for n in names},
                                                     **{f"next_{n}": 1 for n in names}})
     return outputs
@@ -179,7 +229,8 @@ def export_decoder_step(decoder, state: tuple[torch.Tensor, ...], target: str | 
 def decoder_step_graph(decoder, state: tuple[torch.Tensor, ...]) -> Path | bytes:
     """The decoder's step graph, in the cache under a hash of its weights and state shapes (exported now if
     missing: 0.4 s for the shipped model, against 20 ms to hash it)."""
-    digest = hashlib.sha256(f"{type(decoder).__name__} {[tuple(s.shape[2:]) for s in state]}".encode())
+    digest = hashlib.sha256(f"{type(decoder).__name__} folded={folds(decoder)} "
+                            f"{[tuple(s.shape[2:]) for s in state]}".encode())
     for key, tensor in sorted(decoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

@@ -21,6 +21,7 @@ exactly what running every beam to `max_length` would return.
 """
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ def _normalised(log_prob: float, words: int, length_penalty: float) -> float:
 def _mask(log_probs: torch.Tensor, generated: torch.Tensor | None, step: int, min_length: int,
           no_repeat_ngram_size: int) -> torch.Tensor:
     """Forbid special tokens, an early <eos>, and any token that would repeat an n-gram of `generated`."""
-    log_probs[:, NEVER_EMITTED] = -math.inf
+    log_probs.index_fill_(1, _never_emitted(log_probs.device), -math.inf)
     if step < min_length:
         log_probs[:, EOS_ID] = -math.inf
     n = no_repeat_ngram_size
@@ -57,9 +58,15 @@ def _mask(log_probs: torch.Tensor, generated: torch.Tensor | None, step: int, mi
         prefix = generated[:, generated.size(1) - n + 1:]
         rows, positions = (grams[:, :, :-1] == prefix.unsqueeze(1)).all(-1).nonzero(as_tuple=True)
         log_probs[rows, grams[rows, positions, -1]] = -math.inf
-    dead_end = torch.isinf(log_probs).all(dim=1)  # everything blocked: end rather than emit garbage
-    log_probs[dead_end, EOS_ID] = 0.0
+    dead_end = log_probs.amax(dim=1) == -math.inf  # everything blocked: end rather than emit garbage
+    if dead_end.any():
+        log_probs[dead_end, EOS_ID] = 0.0
     return log_probs
+
+
+@functools.cache
+def _never_emitted(device: torch.device) -> torch.Tensor:
+    return torch.tensor(NEVER_EMITTED, device=device)
 
 
 @torch.inference_mode()
@@ -184,8 +191,8 @@ def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_si
     goal_finished = torch.zeros(batch, dtype=torch.long)
     kept_worst = torch.full((batch,), -math.inf)  # n_best-th best finished score in the goal state
     longest = max_length ** length_penalty  # a finished caption's length is at most max_length
-    positions = torch.arange(2 * k, device=device)
     cut = [[[] for _ in range(n_states)] for _ in range(batch)]  # per image, per state: unfinished at max_length
+    first_rows = torch.zeros(0)  # [n, 1, 1]: the first row of each live image's block
     bits = None  # [batch, V]: word_bits as a table, once the vocabulary size is known
     columns = None  # [batch, C]: each image's constraint ids, padded with <pad>
 
@@ -199,7 +206,7 @@ def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_si
         total = (scores.view(-1, 1) + log_probs).view(n, n_states, k, vocab)
         if n_states == 1:
             top_scores, top_index = total.view(n, 1, k * vocab).topk(min(2 * k, k * vocab), dim=2)  # [n, 1, 2k]
-            origin, word = top_index // vocab, top_index % vocab  # origin: a row of the image's block
+            origin, word = top_index.div(vocab, rounding_mode="floor"), top_index.remainder(vocab)  # origin: a row of the image's block
         else:
             top_scores, origin, word = _constrained_top(total, bits[alive.to(device)], columns[alive.to(device)], 2 * k)
         ends = (word == EOS_ID) & torch.isfinite(top_scores)
@@ -220,13 +227,15 @@ def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_si
                 if length_penalty and goal_finished[image] >= n_best:
                     kept_worst[image] = heapq.nlargest(n_best, (h.score for h in finished[image][goals[image]]))[-1]
 
-        order = (ends.long() * (2 * k) + positions[:ends.size(2)]).argsort(dim=2)[:, :, :k]  # first k that go on
+        order = ends.to(torch.uint8).sort(dim=2, stable=True).indices[:, :, :k]  # the first k that go on
         scores = top_scores.gather(2, order).masked_fill(ends.gather(2, order), -math.inf)
-        rows = (torch.arange(n, device=device).view(n, 1, 1) * width + origin.gather(2, order)).view(-1)
+        if first_rows.size(0) != n:
+            first_rows = torch.arange(0, n * width, width, device=device).view(n, 1, 1)
+        rows = (first_rows + origin.gather(2, order)).view(-1)
         tokens = torch.cat([tokens[rows], word.gather(2, order).view(-1, 1)], dim=1)
         state = select_state(state, rows)
 
-        best_live = scores.view(n, -1).max(1).values.cpu()
+        best_live = scores.view(n, -1).amax(1).cpu()
         if length_penalty:
             done = (goal_finished[alive] >= n_best) & (kept_worst[alive] >= best_live / longest)
         else:

@@ -45,16 +45,18 @@ def test_onnx_encoder_gives_pytorchs_features_and_is_the_cpu_default(shapes):
     assert onnx.cache_key("cuda") == eager.cache_key()
 
 
-@pytest.mark.parametrize("cell,attention", [("gru", False), ("lstm", False), ("rnn", False), ("lstm", True)])
-def test_decoder_step_on_onnx_runtime_gives_the_torch_decoders_numbers_and_captions(cell, attention):
+@pytest.mark.parametrize("cell,attention,layers", [("gru", False, 1), ("lstm", False, 1), ("rnn", False, 1),
+                                                   ("gru", False, 2), ("lstm", False, 2), ("lstm", True, 1)])
+def test_decoder_step_on_onnx_runtime_gives_the_torch_decoders_numbers_and_captions(cell, attention, layers):
     from captioner.config import DecoderConfig
     from captioner.decoder import build_decoder
-    from captioner.onnx_runtime import DecoderSession
+    from captioner.onnx_runtime import DecoderSession, folds
     from captioner.search import beam_search
 
     torch.manual_seed(0)
     decoder = build_decoder(40, 16, DecoderConfig(cell=cell, embed_dim=8, hidden_dim=12, attention=attention,
-                                                  attention_dim=6)).eval()
+                                                  attention_dim=6, num_layers=layers)).eval()
+    assert folds(decoder) == (not attention)  # the step graph written as the cell's equations, input table folded
     session = DecoderSession(decoder)
     features = torch.randn(5, 4, 16) if attention else torch.randn(5, 16)
     state = decoder.init_state(features)

@@ -283,3 +283,14 @@ def test_repeat_blocking_removes_repeated_ngrams():
         tokens = search(model=model, features=torch.zeros(1, 4), max_length=8, no_repeat_ngram_size=2).tokens
         bigrams = list(zip(tokens, tokens[1:]))
         assert len(bigrams) == len(set(bigrams)), tokens
+
+
+def test_a_caption_with_every_word_blocked_ends_instead_of_emitting_a_special_token():
+    # Three words, none may repeat (1-grams) and <eos> is barred before 5 words: after three words nothing
+    # is left, and the caption must end there (at no cost) rather than emit <pad>, <bos> or <unk>.
+    model = MarkovModel({prev: {A: 0.5, B: 0.3, C: 0.2} for prev in (BOS_ID, A, B, C)})
+    options = dict(features=torch.zeros(2, 4), max_length=8, min_length=5, no_repeat_ngram_size=1)
+    for hypothesis in greedy_search(model, **options) + [h for hyps in beam_search(model, beam_size=3, **options)
+                                                          for h in hyps]:
+        assert sorted(hypothesis.tokens) == [A, B, C] and hypothesis.finished
+    assert greedy_search(model, **options)[0].log_prob == pytest.approx(math.log(0.5 * 0.3 * 0.2))
