@@ -51,7 +51,7 @@ def iter_image_batches(sources: Sequence[ImageSource], transform: ImageTransform
     """Decode and transform images in worker processes: yields (indices, batch, [(index, error)]).
 
     Without worker processes the next batch is decoded in a thread while the caller encodes this one (Pillow
-    releases the interpreter lock while it decodes): about 5% more images/s when captioning on 2 cores."""
+    releases the interpreter lock while it decodes): part of caption_files' gain in bench/speed.py."""
     in_memory = any(not isinstance(s, (str, Path)) for s in sources)
     workers = 0 if in_memory or len(sources) <= max(batch_size, IN_PROCESS_UP_TO) else num_workers
     loader = DataLoader(_ImageFiles(sources, transform), batch_size=batch_size, num_workers=workers,

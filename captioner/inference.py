@@ -210,8 +210,8 @@ class Captioner:
         `num_workers` processes (None: default_workers) decode the files while the CNN encodes them a few
         at a time (encoder_batch_size); the features gather until `batch_size` images are encoded, then the
         search decodes them as one batch, in a thread, while the CNN goes on with the next batch (the search's
-        bookkeeping and the image decoding each leave a core idle that the other can use: about 5% more
-        images/s on 2 cores). A batch's captions come once the next batch is encoded, or at the end. Captions are the same
+        bookkeeping and the image decoding each leave a core idle that the other can use; with the decoding
+        thread of iter_image_batches, 7-14% more images/s on 2 cores in bench/speed.py). A batch's captions come once the next batch is encoded, or at the end. Captions are the same
         as one image at a time (search is exact per image); an unreadable file's error comes as soon as it is
         found.
         """
