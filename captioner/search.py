@@ -73,6 +73,8 @@ def _never_emitted(device: torch.device) -> torch.Tensor:
 def greedy_search(model, features: torch.Tensor, max_length: int = 20, min_length: int = 1,
                   no_repeat_ngram_size: int = 0, length_penalty: float = 0.0) -> list[Hypothesis]:
     batch = features.size(0)
+    if not batch:
+        return []
     state = model.init_state(features)
     tokens = torch.full((batch, 1), BOS_ID, dtype=torch.long, device=features.device)
     log_prob = torch.zeros(batch, device=features.device)
@@ -178,6 +180,8 @@ def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_si
     that reach it. `goal[i]` is image i's all-satisfied state. Per image: the hypotheses, and how
     many sets they satisfy. With no word sets there is one state and this is plain beam search."""
     batch, k, device = features.size(0), beam_size, features.device
+    if not batch:
+        return []
     n_best = min(n_best, k)
     goals = goal.tolist()
     n_states = 1 << max(goals, default=0).bit_length()

@@ -294,3 +294,8 @@ def test_a_caption_with_every_word_blocked_ends_instead_of_emitting_a_special_to
                                                           for h in hyps]:
         assert sorted(hypothesis.tokens) == [A, B, C] and hypothesis.finished
     assert greedy_search(model, **options)[0].log_prob == pytest.approx(math.log(0.5 * 0.3 * 0.2))
+
+
+def test_no_images_give_no_captions():
+    model = MarkovModel({BOS_ID: {A: 0.5, EOS_ID: 0.5}})
+    assert greedy_search(model, torch.zeros(0, 4)) == [] and beam_search(model, torch.zeros(0, 4)) == []
