@@ -33,6 +33,8 @@ from .files import write_atomic
 
 OPSET = 17
 GRAPH_VERSION = 2  # in cached graphs' names: a change to what EncoderGraph computes re-exports them
+STEP_GRAPH_PREFIX = "decoder-step-"
+STEP_GRAPHS_KEPT = 16  # decoder-step graphs in the cache, the most recently used
 
 
 class OnnxRuntimeError(EncoderError):
@@ -234,8 +236,23 @@ def decoder_step_graph(decoder, state: tuple[torch.Tensor, ...]) -> Path | bytes
     for key, tensor in sorted(decoder.state_dict().items()):
         digest.update(key.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return cached_graph(cache_dir() / f"decoder-step-{digest.hexdigest()[:16]}-v{GRAPH_VERSION}.onnx",
-                        lambda buffer: export_decoder_step(decoder, state, buffer))
+    path = cache_dir() / f"{STEP_GRAPH_PREFIX}{digest.hexdigest()[:16]}-v{GRAPH_VERSION}.onnx"
+    graph = cached_graph(path, lambda buffer: export_decoder_step(decoder, state, buffer))
+    if isinstance(graph, Path):
+        forget_old_step_graphs(graph)
+    return graph
+
+
+def forget_old_step_graphs(used: Path, keep: int = STEP_GRAPHS_KEPT) -> None:
+    """Every model captioned with on a CPU leaves a step graph in the cache (about 25 MB for the shipped one):
+    keep the `keep` most recently used, so that evaluating checkpoint after checkpoint does not fill the disk."""
+    try:
+        os.utime(used)
+        graphs = sorted(used.parent.glob(f"{STEP_GRAPH_PREFIX}*.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in graphs[keep:]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        pass  # a read-only cache, or another process forgetting the same files: the graphs stay, nothing breaks
 
 
 class DecoderSession:

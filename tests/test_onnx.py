@@ -70,6 +70,34 @@ def test_decoder_step_on_onnx_runtime_gives_the_torch_decoders_numbers_and_capti
            [[h.tokens for h in hyps] for hyps in beam_search(decoder, features, **options)]
 
 
+def test_the_graph_cache_keeps_the_most_recently_used_step_graphs(tmp_path, monkeypatch):
+    import os
+
+    from captioner.config import DecoderConfig
+    from captioner.decoder import build_decoder
+    from captioner.onnx_runtime import STEP_GRAPHS_KEPT, decoder_step_graph
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    folder = cache_dir()
+    folder.mkdir(parents=True)
+    old = [folder / f"decoder-step-old{i:02d}-v2.onnx" for i in range(STEP_GRAPHS_KEPT + 4)]
+    for age, path in enumerate(old):  # old[0] is the most recently used of them
+        path.write_bytes(b"a graph of a model evaluated earlier")
+        os.utime(path, (1e9 - age, 1e9 - age))
+    encoder_graph_file = folder / "an-encoder-v2-fp32.onnx"
+    encoder_graph_file.write_bytes(b"encoder graphs are never forgotten")
+    os.utime(encoder_graph_file, (1, 1))
+    decoder = build_decoder(30, 8, DecoderConfig(cell="gru", embed_dim=4, hidden_dim=6)).eval()
+    new = decoder_step_graph(decoder, (torch.zeros(1, 2, 6),))
+    kept = set(folder.glob("decoder-step-*.onnx"))
+    assert len(kept) == STEP_GRAPHS_KEPT and new in kept and encoder_graph_file.is_file()
+    assert kept == {new, *old[:STEP_GRAPHS_KEPT - 1]}  # the least recently used went
+    from captioner import onnx_runtime
+
+    monkeypatch.setattr(onnx_runtime, "export_decoder_step", lambda *args: pytest.fail("exported again"))
+    assert decoder_step_graph(decoder, (torch.zeros(1, 2, 6),)) == new  # found in the cache
+
+
 def test_an_unwritable_graph_cache_costs_time_not_captions(trained, shapes, tmp_path, monkeypatch):
     checkpoint = trained[1] / "best.pt"
     expected = [c.text for c in Captioner.from_checkpoint(checkpoint, runtime="torch").caption(shapes, beam_size=2)]
