@@ -162,8 +162,8 @@ class FoldedStep(nn.Module):
     """DecoderStep for a CaptionDecoder, written out as its cell's equations (those of nn.GRU, nn.LSTM and
     nn.RNN) with the first layer's input projection folded into a table of one row per word
     (embed @ W_ih + b_ih). A step is bound by reading the weights, not by arithmetic: the table turns
-    a third of them (W_ih) into a lookup of N rows, so a step takes 1.2-1.6x less time in ONNX Runtime
-    (bench/speed.py); log-probabilities agree with the torch decoder's to about 1e-6."""
+    a third of them (W_ih) into a lookup of N rows (one photo 3-5 ms faster in bench/speed.py, results
+    speed-folded-step*); log-probabilities agree with the torch decoder's to about 1e-6."""
 
     def __init__(self, decoder):
         super().__init__()
@@ -198,8 +198,9 @@ class FoldedStep(nn.Module):
 
 
 def folds(decoder) -> bool:
-    """Whether `decoder`'s step graph is a FoldedStep (CaptionDecoder and its subclasses) or a DecoderStep."""
-    return isinstance(getattr(decoder, "rnn", None), (nn.GRU, nn.LSTM, nn.RNN)) and not decoder.uses_grid
+    """Whether `decoder`'s step graph is a FoldedStep (CaptionDecoder and its subclasses: a whole nn.GRU, nn.LSTM
+    or nn.RNN) or a DecoderStep (the attention decoder, whose cell is an nn.*Cell)."""
+    return isinstance(getattr(decoder, "rnn", None), (nn.GRU, nn.LSTM, nn.RNN))
 
 
 def step_module(decoder) -> nn.Module:

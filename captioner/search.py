@@ -196,7 +196,6 @@ def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_si
     kept_worst = torch.full((batch,), -math.inf)  # n_best-th best finished score in the goal state
     longest = max_length ** length_penalty  # a finished caption's length is at most max_length
     cut = [[[] for _ in range(n_states)] for _ in range(batch)]  # per image, per state: unfinished at max_length
-    first_rows = torch.zeros(0)  # [n, 1, 1]: the first row of each live image's block
     bits = None  # [batch, V]: word_bits as a table, once the vocabulary size is known
     columns = None  # [batch, C]: each image's constraint ids, padded with <pad>
 
@@ -233,8 +232,7 @@ def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_si
 
         order = ends.to(torch.uint8).sort(dim=2, stable=True).indices[:, :, :k]  # the first k that go on
         scores = top_scores.gather(2, order).masked_fill(ends.gather(2, order), -math.inf)
-        if first_rows.size(0) != n:
-            first_rows = torch.arange(0, n * width, width, device=device).view(n, 1, 1)
+        first_rows = torch.arange(0, n * width, width, device=device).view(n, 1, 1)  # of each image's block
         rows = (first_rows + origin.gather(2, order)).view(-1)
         tokens = torch.cat([tokens[rows], word.gather(2, order).view(-1, 1)], dim=1)
         state = select_state(state, rows)
