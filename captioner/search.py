@@ -1,5 +1,6 @@
 """Decoding: greedy, beam and constrained beam search, all batched (beam search over images x beams,
-constrained beam search over images x constraint states x beams).
+constrained beam search over images x constraint states x beams; beam search of a single image keeps
+its few beams' bookkeeping in numpy, where torch's per-op cost would match the decoder step's).
 
 A model here is anything with `init_state(features) -> state` and
 `step(last_tokens [N], state) -> (log_probs [N, V], state)`, the state's batch on dim 1.
@@ -26,6 +27,7 @@ import heapq
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from .decoder import select_state
@@ -125,9 +127,74 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
     A hypothesis is finished when <eos> ranks among the top `beam_size` candidates of a step; when
     an image stops is in the module docstring.
     """
+    if features.size(0) == 1:
+        return [_one_image_search(model, features, beam_size, max_length, min_length, no_repeat_ngram_size,
+                                  length_penalty, n_best)]
     return [hyps for hyps, _ in _search(model, features, None, torch.zeros(features.size(0), dtype=torch.long),
                                         beam_size, max_length, min_length, no_repeat_ngram_size,
                                         length_penalty, n_best)]
+
+
+def _one_image_search(model, features, beam_size, max_length, min_length, no_repeat_ngram_size,
+                      length_penalty, n_best) -> list[Hypothesis]:
+    """`_search` without word sets for one image, its bookkeeping on numpy arrays and lists of a few beams.
+
+    The same captions and scores (tests/test_search.py compares the two on random decoders). A torch op
+    on a few rows costs 5-15 us whatever its size, and `_search` spends about 30 of them a step: for one
+    photo on a CPU that is as long as the decoder step itself, so this path is 1.5x faster there
+    (bench/speed.py's single-image latency, result speed-one-image-search)."""
+    k, n, device = beam_size, no_repeat_ngram_size, features.device
+    n_best = min(n_best, k)
+    state = select_state(model.init_state(features), torch.zeros(k, dtype=torch.long, device=device))
+    tokens = torch.full((k,), BOS_ID, dtype=torch.long, device=device)
+    words: list[list[int]] = [[] for _ in range(k)]  # each beam's words so far, without <bos>
+    scores = np.full(k, -np.inf, dtype=np.float32)
+    scores[0] = 0.0  # all beams start identical: expand only the first
+    finished: list[Hypothesis] = []
+    longest = max_length ** length_penalty
+    for step in range(max_length):
+        log_probs, state = model.step(tokens, state)
+        log_probs = log_probs.float().cpu().numpy()  # [k, V]; writable: the step's own output
+        vocab = log_probs.shape[1]
+        log_probs[:, NEVER_EMITTED] = -np.inf
+        if step < min_length:
+            log_probs[:, EOS_ID] = -np.inf
+        if n and step >= n:
+            for row, generated in enumerate(words):
+                prefix = generated[step - n + 1:]
+                blocked = [generated[i + n - 1] for i in range(step - n + 1) if generated[i:i + n - 1] == prefix]
+                log_probs[row, blocked] = -np.inf
+        log_probs[log_probs.max(1) == -np.inf, EOS_ID] = 0.0  # every word blocked: end rather than emit garbage
+        total = (scores[:, None] + log_probs).ravel()
+        count = min(2 * k, total.size)
+        top = np.argpartition(-total, count - 1)[:count]
+        top = top[np.argsort(-total[top], kind="stable")]
+        live = []  # (score, beam, word) of the candidates that go on, best first
+        for rank, index in enumerate(top.tolist()):
+            score, (beam, word) = float(total[index]), divmod(index, vocab)
+            if word == EOS_ID and score != -math.inf:
+                if rank < k:
+                    finished.append(Hypothesis(words[beam], _normalised(score, len(words[beam]), length_penalty),
+                                               score, True))
+            elif len(live) < k:
+                live.append((score, beam, word))
+        words = [words[beam] + [word] for _, beam, word in live]
+        scores = np.array([score for score, _, _ in live], dtype=np.float32)
+        tokens = torch.tensor([word for _, _, word in live], dtype=torch.long, device=device)
+        state = select_state(state, torch.tensor([beam for _, beam, _ in live], device=device))
+        best_live = scores.max()
+        if length_penalty:  # in float32, as _search compares
+            done = len(finished) >= n_best and (np.float32(heapq.nlargest(n_best, (h.score for h in finished))[-1])
+                                                >= best_live / np.float32(longest))
+        else:
+            done = len(finished) >= k
+        if done or best_live == -math.inf:
+            break
+    else:  # reached max_length: the live beams are the unfinished hypotheses
+        if len(finished) < n_best:
+            finished += [Hypothesis(w, _normalised(float(s), len(w), length_penalty), float(s), False)
+                         for s, w in zip(scores.tolist(), words) if math.isfinite(s)]
+    return sorted(finished, key=lambda h: h.score, reverse=True)[:n_best]
 
 
 @dataclass

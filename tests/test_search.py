@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from captioner import search
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder, build_decoder, select_state
 from captioner.search import BOS_ID, EOS_ID, NEVER_EMITTED, Hypothesis, _mask, beam_search, greedy_search
@@ -237,6 +238,36 @@ def test_batched_beam_equals_one_image_at_a_time(attention):
         single = beam_search(model, features[i:i + 1], beam_size=4, max_length=10, no_repeat_ngram_size=2, n_best=3)[0]
         assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
         assert [h.score for h in single] == pytest.approx([h.score for h in batched[i]], abs=1e-4)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+@pytest.mark.parametrize("length_penalty", [0.0, 0.7])
+@pytest.mark.parametrize("ngram, min_length, max_length, all_best", [(0, 1, 12, False), (3, 1, 12, True),
+                                                                      (2, 3, 5, False), (1, 6, 9, True)])
+def test_one_image_search_equals_the_batched_search(beam_size, length_penalty, ngram, min_length, max_length,
+                                                    all_best):
+    """A single photo takes its own path (_one_image_search): the same captions, scores and finish flags as
+    the batched search on the same image, with cut captions, dead ends (1-gram blocking and a long minimum
+    leave no word) and early stops among the cases."""
+    options = dict(beam_size=beam_size, max_length=max_length, min_length=min_length,
+                   no_repeat_ngram_size=ngram, length_penalty=length_penalty, n_best=beam_size if all_best else 1)
+    for seed, (cell, vocab) in enumerate([("gru", 9), ("lstm", 40), ("rnn", 15)]):
+        model = random_decoder(vocab, seed, cell)
+        for image in random_features(model, 10).split(1):
+            alone = beam_search(model, image, **options)[0]
+            with torch.inference_mode():
+                batched = search._search(model, image, None, torch.zeros(1, dtype=torch.long), **options)[0][0]
+            assert [(h.tokens, h.score, h.log_prob, h.finished) for h in alone] == \
+                   [(h.tokens, h.score, h.log_prob, h.finished) for h in batched]
+
+
+def test_at_penalty_zero_a_later_better_caption_is_kept_until_beam_size_have_finished():
+    # "A" finishes first (0.6 * 0.5 = 0.30); "B C" still lives and finishes a step later, better (0.4 * 0.95).
+    model = MarkovModel({BOS_ID: {A: 0.6, B: 0.4}, A: {EOS_ID: 0.5, A: 0.5}, B: {EOS_ID: 0.05, C: 0.95},
+                         C: {EOS_ID: 1.0}})
+    for images in (1, 2):  # the one-image path and the batched one
+        for hyps in beam_search(model, torch.zeros(images, 4), beam_size=2, max_length=5):
+            assert hyps[0].tokens == [B, C]
 
 
 def test_n_best_are_distinct_and_sorted_by_score():
