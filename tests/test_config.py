@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -59,3 +61,14 @@ def test_unreadable_or_malformed_file(tmp_path):
     (tmp_path / "broken.yaml").write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(tmp_path / "broken.yaml")
+
+
+def test_help_and_argument_errors_answer_without_importing_torch():
+    # torch takes seconds to import: `captioner --help` and a mistyped command must not wait for it.
+    script = ("import sys, contextlib, io\nfrom captioner.cli import main\n"
+              "for argv in (['--help'], ['caption']):\n"
+              "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):\n"
+              "        try:\n            main(argv)\n        except SystemExit:\n            pass\n"
+              "print('torch' in sys.modules)\nfrom captioner import Captioner\nprint(Captioner.__name__)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert result.stdout.split() == ["False", "Captioner"]
