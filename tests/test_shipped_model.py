@@ -34,6 +34,19 @@ def test_default_captioner_describes_example_photos_differently():
     assert len(set(captions)) == len(captions), captions  # not the same caption for every image
 
 
+def test_a_photo_alone_gets_the_caption_it_gets_in_a_batch():
+    # One photo takes its own beam search (search._one_image_search), a batch the batched one; the fallback
+    # decoder writes the unsure photos' captions on both paths too.
+    captioner = Captioner.from_checkpoint()
+    photos = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    batched = captioner.caption(photos, n_best=2)
+    assert any(c.from_tags for c, _ in batched) and not all(c.from_tags for c, _ in batched)
+    for photo, together in zip(photos, batched):
+        alone = captioner.caption(photo, n_best=2)
+        assert [c.text for c in alone] == [c.text for c in together]
+        assert [c.score for c in alone] == pytest.approx([c.score for c in together], abs=1e-4)
+
+
 def test_caption_command_without_checkpoint_uses_the_shipped_model(tmp_path, capsys):
     out = tmp_path / "examples.jsonl"
     assert main(["caption", str(EXAMPLES_DIR), "--out", str(out), "--no-progress"]) == 0
