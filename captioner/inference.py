@@ -211,9 +211,9 @@ class Captioner:
         at a time (encoder_batch_size); the features gather until `batch_size` images are encoded, then the
         search decodes them as one batch, in a thread, while the CNN goes on with the next batch (the search's
         bookkeeping and the image decoding each leave a core idle that the other can use; with the decoding
-        thread of iter_image_batches, 7-14% more images/s on 2 cores in bench/speed.py). A batch's captions come once the next batch is encoded, or at the end. Captions are the same
-        as one image at a time (search is exact per image); an unreadable file's error comes as soon as it is
-        found.
+        thread of iter_image_batches, 7-14% more images/s on 2 cores in bench/speed.py). A batch's captions
+        come once the next batch is encoded, or at the end. Captions are the same as one image at a time
+        (search is exact per image); an unreadable file's error comes as soon as it is found.
         """
         decode = self.decode_options(**options)
         chunk = self.encoder_batch_size(batch_size)
