@@ -109,6 +109,8 @@ class RowWriter:
         try:
             self._write(row)
         except OSError as error:  # e.g. a full disk: stop with a message, keep what is written
+            if isinstance(error, BrokenPipeError) and not self.out:
+                raise  # stdout's reader has gone (`captioner caption DIR | head`): cli.main stops quietly
             raise OSError(error.errno, f"could not write to {self.out or 'stdout'}: {error.strerror or error}") from None
 
     def _write(self, row: dict) -> None:

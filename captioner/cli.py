@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 from .config import ConfigError
 
 EXIT_ERROR = 1
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool ended by SIGPIPE
 
 
 def _decode_arguments(parser: argparse.ArgumentParser) -> None:
@@ -285,6 +287,12 @@ def main(argv: list[str] | None = None) -> int:
                 ImageLoadError, OSError)
     try:
         return run(args)
+    except BrokenPipeError:  # stdout's reader stopped early (`... | head`): stop the work, quietly, as other tools do
+        try:  # Python's flush of stdout at exit would fail again and print a traceback
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_BROKEN_PIPE
     except expected as error:
         print(f"captioner: error: {error}", file=sys.stderr)
         return EXIT_ERROR

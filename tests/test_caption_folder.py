@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 
@@ -49,6 +52,25 @@ def test_every_good_image_gets_a_caption_and_every_bad_one_an_error(trained, mix
         assert by_name[name]["caption"] and float(by_name[name]["score"]) < 0
     err = capsys.readouterr().err
     assert "broken.jpg" in err and "captioned 3, failed 1, skipped 1" in err
+
+
+def test_a_reader_that_stops_early_ends_the_run_quietly(trained, tiny_flickr8k, tmp_path):
+    """`captioner caption DIR | head -1`: the run stops without a traceback or an error, as other tools do."""
+    _, run = trained
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("red_circle_2.jpg", "blue_square_2.jpg"):
+        shutil.copy(tiny_flickr8k / "images" / name, folder / name)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first caption is written
+    try:
+        result = subprocess.run([sys.executable, "-m", "captioner", "caption", str(folder), "--checkpoint",
+                                 str(run / "best.pt"), "--no-progress"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, timeout=300)
+    finally:
+        os.close(write_end)
+    assert result.stderr == ""
+    assert result.returncode == 141
 
 
 def read(path):
