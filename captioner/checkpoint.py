@@ -4,7 +4,8 @@
      "config": Config.to_dict(), "vocab": [words...], "decoder": state_dict,
      "encoder": {"name", "weights", "fingerprint", "feature_dim"},
      "provenance": {"dataset", "train_split", "epoch", "dev": {...}, "created", "torch"},
-     "domain": {"centroids", "dev_similarity"},   # optional: how familiar photos are (confidence.py)
+     "domain": {"centroids", "dev_similarity",     # optional: how familiar photos are (confidence.py)
+                "person_weight", "person_bias"},  # optional within it: the person probe
      "fallback": {"config", "vocab", "decoder"},   # optional: captions unsure photos from tags (fallback.py)
      "training": {...}   # optimizer/scheduler/RNG state; only in last.pt, for --resume}
 

@@ -8,6 +8,11 @@ that sit no closer to the training photos than it does: 0.5 is a typical trainin
 0.01 is stranger than 99% of them. Below the model's `decode.unsure_below` (0.05 unless chosen
 otherwise) the app and the CLI say the caption is unsure and show the tags, and a model with a
 fallback decoder writes that caption from the tags instead (fallback.py).
+
+The profile can also hold a person probe: whether a photo shows people, learnt from the training
+photos' references. Flickr8k's decoder knows people well and little else, so an unfamiliar photo
+the probe is sure shows people keeps that decoder's caption, and a caption that names a person the
+probe does not see is unsure, as one naming a dog the ImageNet head does not see is (inference.py).
 """
 from __future__ import annotations
 
@@ -35,17 +40,64 @@ def kmeans(points: torch.Tensor, k: int, iterations: int = 25, seed: int = 0) ->
 
 
 @dataclass
+class PersonProbe:
+    """P(the photo shows people): a logistic regression on pooled features.
+
+    Fitted on the training photos whose references mostly name a person (at least half of them)
+    against those where none does; photos in between are left out. On Flickr8k the photos without
+    people are mostly dogs, so it is sure of "no person" only far from people; it is a check on the
+    decoder's person words, not a detector.
+    """
+    weight: torch.Tensor  # [D], the features' standardisation folded in
+    bias: torch.Tensor  # []
+
+    @classmethod
+    def fit(cls, features: torch.Tensor, person_share: torch.Tensor, l2: float = 1e-3) -> "PersonProbe | None":
+        """Features [N, D] and each photo's share of references naming a person [N]; None without both kinds."""
+        chosen = (person_share >= 0.5) | (person_share == 0)
+        points, labels = features[chosen].float(), (person_share[chosen] >= 0.5).float()
+        if labels.sum() == 0 or labels.sum() == len(labels):
+            return None
+        mean, scale = points.mean(0), points.std(0) + 1e-6
+        standard = (points - mean) / scale
+        weight = torch.zeros(points.shape[1], requires_grad=True)
+        bias = torch.zeros((), requires_grad=True)
+        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+
+        def loss():
+            optimizer.zero_grad()
+            value = torch.nn.functional.binary_cross_entropy_with_logits(standard @ weight + bias, labels) \
+                + l2 * weight.pow(2).sum()
+            value.backward()
+            return value
+
+        with torch.enable_grad():
+            optimizer.step(loss)
+        folded = (weight / scale).detach()
+        return cls(folded, (bias - mean @ folded).detach())
+
+    def probability(self, features: torch.Tensor) -> torch.Tensor:
+        """Pooled features [B, D] -> [B] in [0, 1]."""
+        return torch.sigmoid(features.cpu().float() @ self.weight.float() + self.bias.float())
+
+
+@dataclass
 class DomainProfile:
     centroids: torch.Tensor  # [K, D] unit vectors: where the training photos' features point
     dev_similarity: torch.Tensor  # [M] sorted: held-out photos' similarity to their nearest centroid
+    person: PersonProbe | None = None
 
     @classmethod
-    def fit(cls, train_features: torch.Tensor, dev_features: torch.Tensor, k: int = CENTROIDS) -> "DomainProfile":
+    def fit(cls, train_features: torch.Tensor, dev_features: torch.Tensor, k: int = CENTROIDS,
+            person_share: torch.Tensor | None = None) -> "DomainProfile":
+        """`person_share`: each training photo's share of references naming a person, for the person probe."""
         if len(train_features) == 0 or len(dev_features) == 0:
             raise ValueError("a domain profile needs training and held-out features")
         centroids = kmeans(_directions(train_features), min(k, len(train_features)))
         profile = cls(centroids, torch.zeros(0))
         profile.dev_similarity = profile.similarity(dev_features).sort().values
+        if person_share is not None:
+            profile.person = PersonProbe.fit(train_features, person_share)
         return profile
 
     def similarity(self, features: torch.Tensor) -> torch.Tensor:
@@ -57,8 +109,13 @@ class DomainProfile:
         return ranks.float() / len(self.dev_similarity)
 
     def to_dict(self) -> dict:
-        return {"centroids": self.centroids.half(), "dev_similarity": self.dev_similarity.float()}
+        values = {"centroids": self.centroids.half(), "dev_similarity": self.dev_similarity.float()}
+        if self.person is not None:
+            values.update(person_weight=self.person.weight.float(), person_bias=self.person.bias.float())
+        return values
 
     @classmethod
     def from_dict(cls, values: dict) -> "DomainProfile":
-        return cls(values["centroids"].float(), values["dev_similarity"].float())
+        person = PersonProbe(values["person_weight"].float(), values["person_bias"].float()) \
+            if "person_weight" in values else None
+        return cls(values["centroids"].float(), values["dev_similarity"].float(), person)

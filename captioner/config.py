@@ -59,6 +59,10 @@ class DecodeConfig:
     no_repeat_ngram_size: int = 3  # 0 disables repeat blocking
     unsure_below: float = 0.05  # confidence under which a caption is unsure (and written from tags, with a fallback)
     unseen_dog_below: float = 0.05  # a caption naming a dog the encoder's dog tag has under this is unsure too
+    # With a person probe (confidence.py): a caption naming a person it gives less than this is unsure too (0: off),
+    # and an unfamiliar photo it gives more than people_sure_above keeps the decoder's caption, still unsure (1: off).
+    unseen_person_below: float = 0.75
+    people_sure_above: float = 0.999
 
 
 @dataclass
@@ -124,6 +128,8 @@ class Config:
             (not (self.decoder.inputs == "tags" and self.decoder.attention), "decoder.inputs: tags has no attention"),
             (0.0 <= self.decode.unsure_below <= 1.0, "decode.unsure_below must be in [0, 1]"),
             (0.0 <= self.decode.unseen_dog_below <= 1.0, "decode.unseen_dog_below must be in [0, 1]"),
+            (0.0 <= self.decode.unseen_person_below <= 1.0, "decode.unseen_person_below must be in [0, 1]"),
+            (0.0 <= self.decode.people_sure_above <= 1.0, "decode.people_sure_above must be in [0, 1]"),
             (self.decode.beam_size >= 1, "decode.beam_size must be >= 1"),
             (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
             (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),

@@ -23,7 +23,7 @@ from .decoder import CaptionDecoder
 from .encoder import Encoder, encoder_from_config
 from .fallback import OnceOnlyWords, TagDecoder, WordBorrowing
 from .features import iter_image_batches
-from .metrics import mentions_dog
+from .metrics import mentions_dog, mentions_person
 from .search import beam_search, greedy_search
 from .text import Vocabulary
 from .transform import ImageSource
@@ -131,26 +131,34 @@ class Captioner:
     def describe(self, features: torch.Tensor, decode: DecodeConfig, n_best: int = 1) -> list[list[Caption]]:
         """Features of a batch -> the n best captions per image, each with the image's tags and confidence.
 
-        A caption is unsure when the photo is unfamiliar (confidence < decode.unsure_below) or when it
-        names a dog the encoder does not see (dog tag < decode.unseen_dog_below). With a fallback
-        decoder, unsure photos' captions are written from their tags instead.
+        A caption is unsure when the photo is unfamiliar (confidence < decode.unsure_below), when it names a
+        dog the encoder does not see (dog tag < decode.unseen_dog_below), or when it names a person the
+        person probe does not see (< decode.unseen_person_below). With a fallback decoder, unsure photos'
+        captions are written from their tags instead, except unfamiliar photos the probe is sure show
+        people (> decode.people_sure_above): the Flickr8k decoder knows people, the fallback never names them.
         """
         pooled = features.float().mean(1) if self.decoder.uses_grid else features
         class_probs = self.encoder.classify(pooled)
         tags = self.concept_words.tags(class_probs)
         confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(features)
-        unsure = [c is not None and c < decode.unsure_below for c in confidence]
+        person = self.domain.person.probability(pooled).tolist() if self.domain and self.domain.person else None
+        unfamiliar = [c is not None and c < decode.unsure_below for c in confidence]
+        shows_people = [person is not None and person[i] > decode.people_sure_above for i in range(len(features))]
+        to_fallback = [bool(self.fallback) and u and not p for u, p in zip(unfamiliar, shows_people)]
         results: list[list[Caption]] = [[] for _ in range(len(features))]
-        from_photo = [i for i, u in enumerate(unsure) if not (u and self.fallback)]
+        from_photo = [i for i, moved in enumerate(to_fallback) if not moved]
         if from_photo:
             rows = torch.tensor(from_photo, device=features.device)
             for i, captions in zip(from_photo, decode_features(self.searched, self.vocab, features[rows], decode, n_best)):
                 results[i] = captions
-        dog = self.concept_words.word_probabilities(class_probs)[:, self.concept_words.words.index("dog")]
-        for i in from_photo:  # Flickr8k's prior writes dogs into photos of anything: the encoder knows better
-            if mentions_dog(results[i][0].text.split()) and dog[i] < decode.unseen_dog_below:
-                unsure[i] = True
-        from_tags = [i for i, u in enumerate(unsure) if u] if self.fallback else []
+        dog = self.concept_words.word_probabilities(class_probs)[:, self.concept_words.words.index("dog")].tolist()
+        unseen = [False] * len(features)
+        for i in from_photo:  # Flickr8k's prior writes dogs and people into photos of anything: check them
+            words = results[i][0].text.split()
+            unseen[i] = (mentions_dog(words) and dog[i] < decode.unseen_dog_below) \
+                or (person is not None and mentions_person(words) and person[i] < decode.unseen_person_below)
+        unsure = [u or s for u, s in zip(unfamiliar, unseen)]
+        from_tags = [i for i in range(len(features)) if to_fallback[i] or unseen[i]] if self.fallback else []
         if from_tags:
             vocab, decoder = self.fallback
             rows = torch.tensor(from_tags, device=features.device)

@@ -39,6 +39,7 @@ from .decoder import build_decoder
 from .distributed import Ranks, all_gather, setup, shard, teardown
 from .evaluate import evaluate_features, prepare_features, readable
 from .files import plot_curves, read_metrics, write_metrics, write_text_atomic
+from .metrics import mentions_person
 from .scst import SelfCriticalLoss
 from .text import Vocabulary, tokenize
 
@@ -191,7 +192,7 @@ def load_training_data(config: Config, state: dict | None, device, progress: boo
         vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
     train_features = table.lookup([r.path for r in train_records])
     dev_features = table.lookup([r.path for r in dev_records])
-    domain = domain_profile(train_features, dev_features, config).to_dict()
+    domain = domain_profile(train_features, dev_features, config, person_share(train_records)).to_dict()
     tokens, caption_images = caption_tensor(train_records, vocab, config.data.max_caption_length)
     log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
         f"vocabulary {len(vocab)} words, device {device}"
@@ -230,11 +231,19 @@ def initial_weights(config: Config, encoder_info: dict) -> tuple[Vocabulary, dic
     return vocab, source_decoder.state_dict()
 
 
-def domain_profile(train_features: torch.Tensor, dev_features: torch.Tensor, config: Config) -> DomainProfile:
-    """How familiar photos are to a model trained on these features (pooled; for attention, the grid's mean)."""
+def person_share(records: list[ImageRecord]) -> torch.Tensor:
+    """Each photo's share of references that name a person: what the person probe learns from."""
+    return torch.tensor([sum(mentions_person(tokenize(c)) for c in r.captions) / max(len(r.captions), 1)
+                         for r in records])
+
+
+def domain_profile(train_features: torch.Tensor, dev_features: torch.Tensor, config: Config,
+                   train_person_share: torch.Tensor | None = None) -> DomainProfile:
+    """How familiar photos are to a model trained on these features (pooled; for attention, the grid's mean),
+    with a person probe when the training photos' person shares are given."""
     if config.decoder.attention:
         train_features, dev_features = train_features.float().mean(1), dev_features.float().mean(1)
-    return DomainProfile.fit(train_features, dev_features)
+    return DomainProfile.fit(train_features, dev_features, person_share=train_person_share)
 
 
 def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainProfile:
@@ -243,7 +252,7 @@ def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainP
     table, _ = prepare_features(config, dataset, device, progress)
     train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
     return domain_profile(table.lookup([r.path for r in train_records]), table.lookup([r.path for r in dev_records]),
-                          config)
+                          config, person_share(train_records))
 
 
 # --- the model: decoder, loss, optimizer, schedule --------------------------------------------------

@@ -12,7 +12,7 @@ import torchvision
 
 from captioner.cli import main
 from captioner.concepts import CONCEPT_WORDS_FILE, ConceptWords, default_concept_words
-from captioner.confidence import DomainProfile, kmeans
+from captioner.confidence import DomainProfile, PersonProbe, kmeans
 from captioner.encoder import Encoder
 from captioner.inference import Captioner
 
@@ -93,6 +93,43 @@ def test_familiarity_is_a_percentile_of_held_out_photos():
     assert float(stranger.max()) < 0.05
     restored = DomainProfile.from_dict(profile.to_dict())
     assert torch.allclose(restored.familiarity(dev), dev_familiarity, atol=0.02)
+
+
+def test_the_person_probe_learns_from_the_references_which_photos_show_people():
+    torch.manual_seed(0)
+    people, no_people = torch.randn(1, 32) + 3, torch.randn(1, 32) + 3  # pooled CNN features sit far from 0
+    train = torch.cat([people + 0.5 * torch.randn(150, 32), no_people + 0.5 * torch.randn(100, 32),
+                       torch.randn(30, 32) + 3])
+    # shares of references naming a person; the 30 photos in between (1 of 5) are left out of the fit
+    share = torch.cat([torch.full((150,), 0.8), torch.zeros(100), torch.full((30,), 0.2)])
+    dev = torch.randn(50, 32) + 3
+    profile = DomainProfile.fit(train, dev, k=4, person_share=share)
+    new_people, new_empty = people + 0.5 * torch.randn(20, 32), no_people + 0.5 * torch.randn(20, 32)
+    assert profile.person.probability(new_people).min() > 0.9
+    assert profile.person.probability(new_empty).max() < 0.1
+    restored = DomainProfile.from_dict(profile.to_dict())  # what a checkpoint keeps
+    assert torch.allclose(restored.person.probability(new_people), profile.person.probability(new_people))
+    rescaled = PersonProbe.fit(train * 4 + 10, share)  # another encoder's scale: the same probabilities
+    between = (new_people + new_empty) / 2
+    assert torch.allclose(rescaled.probability(between * 4 + 10), profile.person.probability(between), atol=1e-3)
+    assert PersonProbe.fit(train, torch.ones(len(train))) is None  # nothing to tell apart: no probe
+    assert DomainProfile.from_dict(DomainProfile.fit(train, dev, k=4).to_dict()).person is None
+
+
+def test_the_person_probe_learns_from_each_photos_share_of_references_naming_a_person():
+    from captioner.data import ImageRecord
+    from captioner.train import person_share
+
+    records = [ImageRecord(Path("a.jpg"), ["A man rides a bike .", "a bike", "Two women walk .", "a hot dog"]),
+               ImageRecord(Path("b.jpg"), ["a cat on a mat"])]
+    assert person_share(records).tolist() == [0.5, 0.0]
+
+
+def test_a_model_trained_on_photos_without_people_has_no_person_probe(trained):
+    _, run = trained  # drawn shapes: no reference names a person
+    payload = torch.load(run / "best.pt", weights_only=True)
+    assert "centroids" in payload["domain"] and "person_weight" not in payload["domain"]
+    assert Captioner.from_checkpoint(run / "best.pt").domain.person is None
 
 
 def test_caption_rows_carry_tags_and_confidence(trained, tiny_flickr8k, tmp_path, capsys):

@@ -12,6 +12,7 @@ from captioner.cli import main
 from captioner.concepts import ConceptWords, default_concept_words
 from captioner.fallback import CaptionConcepts, caption_tag_vector, singular
 from captioner.inference import Captioner
+from captioner.metrics import mentions_person
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "captioner" / "examples"
 
@@ -104,6 +105,26 @@ def test_a_caption_naming_a_dog_the_encoder_does_not_see_is_unsure_and_written_f
     checked = captioner.caption(coffee, unsure_below=0.0)
     assert checked.unsure and checked.from_tags
     assert "dog" not in checked.text.split() and {"coffee", "cup"} & set(checked.text.split())
+
+
+def test_a_caption_naming_a_person_the_person_probe_does_not_see_is_unsure_and_written_from_tags():
+    captioner = Captioner.from_checkpoint()  # the shipped model: its person probe gives the cat 0.2
+    cat = str(EXAMPLES / "cat.jpg")
+    scene = captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0, unseen_person_below=0.0)
+    assert mentions_person(scene.text.split()) and not scene.unsure  # Flickr8k's prior: "a little boy is ..."
+    checked = captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0)
+    assert checked.unsure and checked.from_tags
+    assert not mentions_person(checked.text.split()) and "cat" in checked.text.split()
+
+
+def test_an_unfamiliar_photo_the_person_probe_is_sure_shows_people_keeps_the_flickr8k_decoders_caption():
+    captioner = Captioner.from_checkpoint()
+    astronaut = str(EXAMPLES / "astronaut.jpg")  # confidence 0.2; the probe: people, 1.0
+    from_tags = captioner.caption(astronaut, unsure_below=0.5, people_sure_above=1.0)
+    assert from_tags.unsure and from_tags.from_tags and not mentions_person(from_tags.text.split())
+    kept = captioner.caption(astronaut, unsure_below=0.5)
+    assert kept.unsure and not kept.from_tags and mentions_person(kept.text.split())
+    assert kept.text == captioner.caption(astronaut).text
 
 
 def test_a_fallback_caption_writes_each_content_word_once_whatever_the_search():
