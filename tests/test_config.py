@@ -47,6 +47,8 @@ def test_wrong_type_names_the_key(tmp_path):
     ("decode.beam_size=0", "beam_size"),
     ("train.epochs=true", "must be int"),
     ("train.reward_bleu_weight=-1", "reward_bleu_weight must be >= 0"),
+    ("decode.unseen_person_below=2", r"decode.unseen_person_below must be in \[0, 1\]"),
+    ("decode.people_sure_above=-0.1", r"decode.people_sure_above must be in \[0, 1\]"),
     ("nonsense", "expected section.key=value"),
     ("model.size=3", "unknown key 'model'"),
 ])
