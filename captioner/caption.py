@@ -1,9 +1,10 @@
 """Caption image files and folders: one row per image, written as soon as it is produced.
 
-Rows are {"path", "caption", "score", "confidence", "unsure", "tags"} or {"path", "error"}; printed
+Rows are {"path", "caption", "score", "confidence", "unsure", "from_tags", "tags"} or {"path", "error"}; printed
 as tab-separated lines, or written to JSONL or CSV by the output file's extension. `tags` are the
 photo's visual concepts as [word, probability] pairs (concepts.py); `confidence` is how familiar the
-photo is to the model and `unsure` says it is too strange to trust the caption (confidence.py). Rerunning with the same output file
+photo is to the model and `unsure` says it is too strange to trust the caption (confidence.py); `from_tags`
+says the fallback decoder wrote it from the tags instead (fallback.py). Rerunning with the same output file
 keeps the rows already captioned and does the rest (errors are retried), so an interrupted run
 loses nothing and no image gets two rows.
 """
@@ -24,7 +25,7 @@ from .inference import Caption, Captioner
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 EXIT_SOME_FAILED = 3
-FIELDS = ["path", "caption", "score", "confidence", "unsure", "tags", "error"]
+FIELDS = ["path", "caption", "score", "confidence", "unsure", "from_tags", "tags", "error"]
 
 
 def looks_like_image(path: Path) -> bool:
@@ -117,7 +118,9 @@ class RowWriter:
         if self.kind == "print":
             text = row["caption"] if row.get("caption") else f"ERROR {row['error']}"
             if row.get("unsure"):
-                text += f"  [unsure; the photo shows: {tags_text(row.get('tags')) or 'nothing the model knows'}]"
+                seen = tags_text(row.get("tags")) or "nothing the model knows"
+                text += f"  [unsure, written from the tags: {seen}]" if row.get("from_tags") else \
+                    f"  [unsure; the photo shows: {seen}]"
             self.handle.write(f"{row['path']}\t{text}\n")
         elif self.kind == "csv":
             self.csv.writerow({k: tags_text(row.get(k)) if k == "tags" else row.get(k, "") for k in FIELDS})
@@ -173,7 +176,7 @@ def tags_text(tags) -> str:
 def caption_row(path: str, caption: Caption) -> dict:
     row = {"path": printable(path), "caption": caption.text, "score": round(caption.score, 4)}
     if caption.confidence is not None:
-        row.update(confidence=round(caption.confidence, 3), unsure=caption.unsure)
+        row.update(confidence=round(caption.confidence, 3), unsure=caption.unsure, from_tags=caption.from_tags)
     return {**row, "tags": [[word, probability] for word, probability in caption.tags]}
 
 

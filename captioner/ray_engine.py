@@ -79,7 +79,7 @@ def rows_table(rows: list[dict]):
 
     tag = pa.struct([("word", pa.string()), ("probability", pa.float64())])
     types = {"path": pa.string(), "caption": pa.string(), "score": pa.float64(), "confidence": pa.float64(),
-             "unsure": pa.bool_(), "tags": pa.list_(tag), "error": pa.string()}
+             "unsure": pa.bool_(), "from_tags": pa.bool_(), "tags": pa.list_(tag), "error": pa.string()}
     values = {name: [row.get(name) for row in rows] for name in types}
     values["tags"] = [None if tags is None else [{"word": w, "probability": p} for w, p in tags] for tags in values["tags"]]
     return pa.table({name: pa.array(values[name], kind) for name, kind in types.items()})

@@ -148,7 +148,8 @@ def test_caption_rows_carry_tags_and_confidence(trained, tiny_flickr8k, tmp_path
         csv_rows = {Path(r["path"]).name: r for r in csv.DictReader(handle)}
     assert csv_rows["cat.jpg"]["tags"].startswith("cat ") and csv_rows["cat.jpg"]["unsure"] == "True"
     assert main(["caption", str(EXAMPLES / "cat.jpg"), "--checkpoint", str(run / "best.pt"), "--no-progress"]) == 0
-    assert "[unsure; the photo shows: cat " in capsys.readouterr().out
+    assert "[unsure; the photo shows: cat " in capsys.readouterr().out  # no fallback here: from the photo
+    assert cat["from_tags"] is False and csv_rows["cat.jpg"]["from_tags"] == "False"
 
 
 def test_every_ranked_caption_carries_its_photos_tags(trained):

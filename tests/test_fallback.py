@@ -40,7 +40,8 @@ def test_a_captions_tag_vector_looks_like_a_classifiers():
     assert others[both_kept].sum(1).mean() < 0.25 * vectors[both_kept][:, [2, 5]].sum(1).mean()  # ...and weak ones
 
 
-def test_train_a_fallback_export_it_and_unsure_photos_are_captioned_from_tags(trained, tiny_flickr8k, tmp_path):
+def test_train_a_fallback_export_it_and_unsure_photos_are_captioned_from_tags(trained, tiny_flickr8k, tmp_path,
+                                                                              capsys):
     _, run = trained
     captions = tmp_path / "captions.tsv"
     lines = ["coco_id\tsource\tcaption"] + [f"{i}\ttest\t{text}" for i in range(40) for text in (
@@ -59,6 +60,9 @@ def test_train_a_fallback_export_it_and_unsure_photos_are_captioned_from_tags(tr
     cat, circle = captioner.caption([str(EXAMPLES / "cat.jpg"), str(tiny_flickr8k / "images" / "red_circle_2.jpg")])
     assert cat.unsure and cat.from_tags and "cat" in cat.text.split()
     assert not circle.unsure and not circle.from_tags and "circle" in circle.text.split()
+    capsys.readouterr()
+    assert main(["caption", str(EXAMPLES / "cat.jpg"), "--checkpoint", str(model), "--no-progress"]) == 0
+    assert f"{cat.text}  [unsure, written from the tags: cat " in capsys.readouterr().out
     plain = Captioner.from_checkpoint(run / "best.pt").caption(str(EXAMPLES / "cat.jpg"))
     assert plain.unsure and not plain.from_tags  # without a fallback the photo's caption stays, marked unsure
 

@@ -107,7 +107,7 @@ def test_ray_writes_parquet_to_a_folder(trained, awkward_folder, local_rows, ray
     folder = tmp_path / "captions"
     assert caption(awkward_folder, trained[1] / "best.pt", f"{folder}/", "--engine", "ray") == 3
     table = parquet.read_table(folder)
-    assert table.column_names == ["path", "caption", "score", "confidence", "unsure", "tags", "error"]
+    assert table.column_names == ["path", "caption", "score", "confidence", "unsure", "from_tags", "tags", "error"]
     rows = table_rows(table)
     assert_same_rows(sorted(rows, key=lambda r: r["path"]), sorted(local_rows, key=lambda r: r["path"]))
     assert "captioned 2, failed 2" in capsys.readouterr().err
