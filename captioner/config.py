@@ -86,6 +86,7 @@ class TrainConfig:
     init_from: str = ""  # a checkpoint whose decoder weights and vocabulary the run starts from (scst needs one)
     samples_per_image: int = 5  # scst: captions sampled per image; each is judged against the other samples' mean
     reward_bleu_weight: float = 0.0  # scst: reward = CIDEr-D + this x smoothed sentence BLEU-4 (metrics.SentenceBleu)
+    unseen_trigram_penalty: float = 0.0  # scst: minus this for each word triple no training caption has ("in the ball")
 
 
 @dataclass
@@ -146,6 +147,7 @@ class Config:
             (self.train.objective != "scst" or bool(self.train.init_from),
              "train.objective scst fine-tunes a trained model: set train.init_from to its checkpoint"),
             (self.train.reward_bleu_weight >= 0, "train.reward_bleu_weight must be >= 0"),
+            (self.train.unseen_trigram_penalty >= 0, "train.unseen_trigram_penalty must be >= 0"),
             (self.train.samples_per_image >= 2, "train.samples_per_image must be >= 2 (the baseline is the other samples)"),
         ]
         for ok, message in checks:

@@ -277,7 +277,8 @@ def build_learner(config: Config, data: TrainingData, device) -> Learner:
     if config.train.objective == "scst":
         self_critical = SelfCriticalLoss([[tokenize(c) for c in r.captions] for r in data.train_records], data.vocab,
                                          config.train.samples_per_image, config.decode.max_length,
-                                         config.decode.min_length, config.train.reward_bleu_weight)
+                                         config.decode.min_length, config.train.reward_bleu_weight,
+                                         config.train.unseen_trigram_penalty)
     batch_units = len(data.train_records) if self_critical else len(data.tokens)
     optimizer = torch.optim.Adam(decoder.parameters(), lr=config.train.lr, weight_decay=config.train.weight_decay)
     steps_per_epoch = math.ceil(batch_units / config.train.batch_size)

@@ -98,6 +98,19 @@ def test_a_bleu_weight_adds_sentence_bleu_to_the_reward():
     assert mixed.score(0, caption) == pytest.approx(cider_only.score(0, caption) + 0.5 * bleu)
 
 
+def test_an_unseen_trigram_penalty_costs_each_word_triple_no_training_caption_has():
+    # CIDEr-D pays for "the ball" and "playing in" wherever they are: self-critical training learns "in the ball".
+    vocab = Vocabulary([*SPECIALS, "a", "dog", "runs", "in", "the", "grass", "ball"])
+    references = [[["a", "dog", "runs", "in", "the", "grass"]], [["a", "ball"]]]
+    plain = SelfCriticalLoss(references, vocab, samples_per_image=2, max_length=8)
+    fluent = SelfCriticalLoss(references, vocab, samples_per_image=2, max_length=8, unseen_trigram_penalty=0.5)
+    seen = vocab.encode(["a", "dog", "runs", "in", "the", "grass"]) + [EOS_ID]
+    assert fluent.score(0, seen) == plain.score(0, seen)
+    odd = vocab.encode(["a", "dog", "runs", "in", "the", "ball"]) + [EOS_ID]  # "in the ball", "the ball <eos>"
+    assert fluent.score(0, odd) == pytest.approx(plain.score(0, odd) - 2 * 0.5)
+    assert "unseen trigrams" in fluent.name and "unseen" not in plain.name
+
+
 def _config_file(path, config) -> str:
     path.write_text(yaml.safe_dump(config.to_dict()))
     return str(path)
