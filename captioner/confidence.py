@@ -55,26 +55,27 @@ class PersonProbe:
     def fit(cls, features: torch.Tensor, person_share: torch.Tensor, l2: float = 1e-3) -> "PersonProbe | None":
         """Features [N, D] and each photo's share of references naming a person [N]; None without both kinds."""
         chosen = (person_share >= 0.5) | (person_share == 0)
-        points, labels = features[chosen].float(), (person_share[chosen] >= 0.5).float()
-        if labels.sum() == 0 or labels.sum() == len(labels):
+        if not 0 < int((person_share[chosen] >= 0.5).sum()) < int(chosen.sum()):
             return None
-        mean, scale = points.mean(0), points.std(0) + 1e-6
-        standard = (points - mean) / scale
-        weight = torch.zeros(points.shape[1], requires_grad=True)
-        bias = torch.zeros((), requires_grad=True)
-        optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
+        with torch.inference_mode(False), torch.enable_grad():  # a fit, wherever it is called from
+            points = features[chosen].cpu().float().clone()
+            labels = (person_share[chosen] >= 0.5).float().clone()
+            mean, scale = points.mean(0), points.std(0) + 1e-6
+            standard = (points - mean) / scale
+            weight = torch.zeros(points.shape[1], requires_grad=True)
+            bias = torch.zeros((), requires_grad=True)
+            optimizer = torch.optim.LBFGS([weight, bias], max_iter=200, line_search_fn="strong_wolfe")
 
-        def loss():
-            optimizer.zero_grad()
-            value = torch.nn.functional.binary_cross_entropy_with_logits(standard @ weight + bias, labels) \
-                + l2 * weight.pow(2).sum()
-            value.backward()
-            return value
+            def loss():
+                optimizer.zero_grad()
+                value = torch.nn.functional.binary_cross_entropy_with_logits(standard @ weight + bias, labels) \
+                    + l2 * weight.pow(2).sum()
+                value.backward()
+                return value
 
-        with torch.enable_grad():
             optimizer.step(loss)
-        folded = (weight / scale).detach()
-        return cls(folded, (bias - mean @ folded).detach())
+            folded = (weight / scale).detach()
+            return cls(folded, (bias - mean @ folded).detach())
 
     def probability(self, features: torch.Tensor) -> torch.Tensor:
         """Pooled features [B, D] -> [B] in [0, 1]."""

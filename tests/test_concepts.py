@@ -113,6 +113,8 @@ def test_the_person_probe_learns_from_the_references_which_photos_show_people():
     between = (new_people + new_empty) / 2
     assert torch.allclose(rescaled.probability(between * 4 + 10), profile.person.probability(between), atol=1e-3)
     assert PersonProbe.fit(train, torch.ones(len(train))) is None  # nothing to tell apart: no probe
+    with torch.inference_mode():  # as a caller's evaluation code may run it
+        assert torch.allclose(PersonProbe.fit(train, share).probability(between), profile.person.probability(between))
     assert DomainProfile.from_dict(DomainProfile.fit(train, dev, k=4).to_dict()).person is None
 
 
