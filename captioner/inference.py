@@ -82,7 +82,8 @@ class Captioner:
         self.fallback = (fallback[0], fallback[1].to(self.device).eval()) if fallback else None
         # The search steps the decoders in the encoder's runtime: on ONNX Runtime, a CPU's steps are faster.
         self.searched = self.on_step_runtime(self.decoder)
-        self.searched_fallback = self.on_step_runtime(self.fallback[1]) if fallback else None
+        # Captions from a few tags repeat their nouns ("a sink and a sink"): each content word once.
+        self.searched_fallback = OnceOnlyWords(self.on_step_runtime(self.fallback[1]), fallback[0]) if fallback else None
         self.borrowing = WordBorrowing(self.concept_words, fallback[0], encoder.class_weights()) if fallback else None
 
     @classmethod
@@ -161,11 +162,8 @@ class Captioner:
         from_tags = [i for i in range(len(features)) if to_fallback[i] or unseen[i]] if self.fallback else []
         if from_tags:
             vocab, decoder = self.fallback
-            rows = torch.tensor(from_tags, device=features.device)
             tag_vectors, renames = self.borrowing.lend(decoder.tag_vectors([tags[i] for i in from_tags]))
-            # Captions from a few tags repeat their nouns ("a sink and a sink"): each content word once.
-            captions = decode_features(OnceOnlyWords(self.searched_fallback, vocab), vocab,
-                                       tag_vectors.to(features.device), decode, n_best)
+            captions = decode_features(self.searched_fallback, vocab, tag_vectors.to(features.device), decode, n_best)
             for i, image_captions, image_renames in zip(from_tags, captions, renames):
                 results[i] = [replace(c, text=self.borrowing.rename(c.text, image_renames), from_tags=True)
                               for c in image_captions]
