@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .confidence import DomainProfile
 from .config import Config, ConfigError, apply_override
 from .decoder import build_decoder
 from .files import atomic_save
@@ -95,6 +96,24 @@ def load_checkpoint(path: str | Path, payload: dict | None = None,
     return config, vocab, decoder.eval(), payload
 
 
+def load_domain(payload: dict, path: str | Path) -> DomainProfile | None:
+    """The familiarity profile and person probe a checkpoint carries (confidence.py), or None."""
+    if not payload.get("domain"):
+        return None
+    values, feature_dim = payload["domain"], int(payload["encoder"]["feature_dim"])
+    try:
+        domain = DomainProfile.from_dict(values)
+    except (KeyError, AttributeError, TypeError) as error:
+        raise CheckpointError(f"{path}: bad familiarity profile ('domain'): {error!r}") from None
+    sizes = [("centroids", domain.centroids.shape[-1])] + ([("person_weight", domain.person.weight.shape[-1])]
+                                                           if domain.person else [])
+    for name, size in sizes:
+        if size != feature_dim:
+            raise CheckpointError(f"{path}: its 'domain' {name} has {size} values per photo, but its encoder's "
+                                  f"features have {feature_dim}")
+    return domain
+
+
 def load_fallback(payload: dict, path: str | Path) -> tuple[Vocabulary, nn.Module] | None:
     """The fallback decoder a checkpoint carries (fallback.py), or None."""
     if not payload.get("fallback"):
@@ -115,7 +134,7 @@ def fallback_payload(path: str | Path, encoder_info: dict, image_size: int, half
                               f"({payload['encoder'].get('fingerprint')}), the model's is {encoder_info.get('name')} "
                               f"({encoder_info.get('fingerprint')})")
     if config.encoder.image_size != image_size:
-        raise CheckpointError(f"{path}: its person probe saw {config.encoder.image_size} px images, the model's are "
+        raise CheckpointError(f"{path}: its tags came from {config.encoder.image_size} px images, the model's are "
                               f"{image_size} px (train it with --for-model MODEL)")
     weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in decoder.state_dict().items()}
     return {"config": config.to_dict(), "vocab": list(vocab.words), "decoder": weights}

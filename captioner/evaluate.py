@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, load_fallback
-from .confidence import DomainProfile
+from .checkpoint import CheckpointError, load_checkpoint, load_domain, load_fallback
 from .config import Config, apply_override
 from .data import CaptionDataset, ImageRecord, load_dataset
 from .distributed import SINGLE, Ranks, shard, unshard, unshard_features
@@ -102,7 +101,7 @@ def evaluate(checkpoint: str | Path | None = None, split: str = "test", override
     table, _ = prepare_features(config, replace(dataset, splits={split: records}), device, progress, encoder)
     records = readable(records, table)
     features = table.lookup([r.path for r in records])
-    domain = DomainProfile.from_dict(payload["domain"]) if payload.get("domain") else None
+    domain = load_domain(payload, checkpoint)
     captioner = Captioner(config, vocab, decoder, encoder, str(device), domain, load_fallback(payload, checkpoint))
     described = []  # the path `captioner caption` takes: unsure photos are written from tags with a fallback
     for start in tqdm(range(0, len(features), DECODE_BATCH), desc="decoding", disable=not progress, file=sys.stderr):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, load_fallback
+from .checkpoint import CheckpointError, load_checkpoint, load_domain, load_fallback
 from .concepts import Tag, default_concept_words
 from .confidence import DomainProfile
 from .config import Config, DecodeConfig
@@ -112,8 +112,7 @@ class Captioner:
         if info.get("fingerprint") and info["fingerprint"] != encoder.fingerprint():
             print(f"warning: {path} was trained on {info.get('name')} weights with fingerprint {info['fingerprint']}, "
                   f"but the loaded encoder's is {encoder.fingerprint()}: captions may be poor", file=sys.stderr)
-        domain = DomainProfile.from_dict(payload["domain"]) if payload.get("domain") else None
-        return cls(config, vocab, decoder, encoder, device, domain, load_fallback(payload, path))
+        return cls(config, vocab, decoder, encoder, device, load_domain(payload, path), load_fallback(payload, path))
 
     def on_step_runtime(self, decoder):
         if self.encoder.runtime_on(self.device) != "onnx":

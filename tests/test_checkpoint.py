@@ -6,7 +6,7 @@ import pickle
 import pytest
 import torch
 
-from captioner.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from captioner.checkpoint import CheckpointError, load_checkpoint, load_domain, save_checkpoint
 from captioner.config import Config
 from captioner.decoder import CaptionDecoder
 from captioner.text import Vocabulary
@@ -87,6 +87,21 @@ def test_other_torch_file_and_mismatched_vocabulary(tmp_path, checkpoint):
     torch.save(raw, tmp_path / "mismatch.pt")
     with pytest.raises(CheckpointError, match="mismatch.pt: weights do not fit"):
         load_checkpoint(tmp_path / "mismatch.pt")
+
+
+def test_a_familiarity_profile_or_person_probe_that_does_not_fit_the_features_is_named(tmp_path, checkpoint):
+    path, _ = checkpoint
+    raw = torch.load(path, weights_only=True)
+    fits = {"centroids": torch.randn(4, 16), "dev_similarity": torch.rand(10).sort().values,
+            "person_weight": torch.randn(16), "person_bias": torch.tensor(0.5)}
+    assert load_domain({**raw, "domain": fits}, path).person is not None
+    with pytest.raises(CheckpointError, match="model.pt: its 'domain' person_weight has 12 values per photo, but "
+                                              "its encoder's features have 16"):
+        load_domain({**raw, "domain": {**fits, "person_weight": torch.randn(12)}}, path)
+    with pytest.raises(CheckpointError, match="'domain' centroids has 8 values"):
+        load_domain({**raw, "domain": {**fits, "centroids": torch.randn(4, 8)}}, path)
+    with pytest.raises(CheckpointError, match="bad familiarity profile"):
+        load_domain({**raw, "domain": {"centroids": torch.randn(4, 16)}}, path)
 
 
 def test_export_can_say_where_the_data_is_and_nothing_else_outside_decoding(tmp_path, checkpoint):
