@@ -55,11 +55,11 @@ class PersonProbe:
     def fit(cls, features: torch.Tensor, person_share: torch.Tensor, l2: float = 1e-3) -> "PersonProbe | None":
         """Features [N, D] and each photo's share of references naming a person [N]; None without both kinds."""
         chosen = (person_share >= 0.5) | (person_share == 0)
-        if not 0 < int((person_share[chosen] >= 0.5).sum()) < int(chosen.sum()):
+        labels = (person_share[chosen] >= 0.5).float()
+        if int(labels.sum()) in (0, len(labels)):
             return None
         with torch.inference_mode(False), torch.enable_grad():  # a fit, wherever it is called from
-            points = features[chosen].cpu().float().clone()
-            labels = (person_share[chosen] >= 0.5).float().clone()
+            points, labels = features[chosen].cpu().float().clone(), labels.clone()
             mean, scale = points.mean(0), points.std(0) + 1e-6
             standard = (points - mean) / scale
             weight = torch.zeros(points.shape[1], requires_grad=True)

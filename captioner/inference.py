@@ -143,7 +143,7 @@ class Captioner:
         confidence = self.domain.familiarity(pooled).tolist() if self.domain else [None] * len(features)
         person = self.domain.person.probability(pooled).tolist() if self.domain and self.domain.person else None
         unfamiliar = [c is not None and c < decode.unsure_below for c in confidence]
-        shows_people = [person is not None and person[i] > decode.people_sure_above for i in range(len(features))]
+        shows_people = [p > decode.people_sure_above for p in person] if person else [False] * len(features)
         to_fallback = [bool(self.fallback) and u and not p for u, p in zip(unfamiliar, shows_people)]
         results: list[list[Caption]] = [[] for _ in range(len(features))]
         from_photo = [i for i, moved in enumerate(to_fallback) if not moved]
