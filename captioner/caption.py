@@ -176,7 +176,9 @@ def tags_text(tags) -> str:
 def caption_row(path: str, caption: Caption) -> dict:
     row = {"path": printable(path), "caption": caption.text, "score": round(caption.score, 4)}
     if caption.confidence is not None:
-        row.update(confidence=round(caption.confidence, 3), unsure=caption.unsure, from_tags=caption.from_tags)
+        row["confidence"] = round(caption.confidence, 3)
+    # A model without a familiarity profile still marks captions its tag checks route to the fallback.
+    row.update(unsure=caption.unsure, from_tags=caption.from_tags)
     return {**row, "tags": [[word, probability] for word, probability in caption.tags]}
 
 

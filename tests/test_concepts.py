@@ -14,7 +14,8 @@ from captioner.cli import main
 from captioner.concepts import CONCEPT_WORDS_FILE, ConceptWords, default_concept_words
 from captioner.confidence import DomainProfile, PersonProbe, kmeans
 from captioner.encoder import Encoder
-from captioner.inference import Captioner
+from captioner.caption import caption_row
+from captioner.inference import Caption, Captioner
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "captioner" / "examples"
@@ -152,6 +153,15 @@ def test_caption_rows_carry_tags_and_confidence(trained, tiny_flickr8k, tmp_path
     assert main(["caption", str(EXAMPLES / "cat.jpg"), "--checkpoint", str(run / "best.pt"), "--no-progress"]) == 0
     assert "[unsure; the photo shows: cat " in capsys.readouterr().out  # no fallback here: from the photo
     assert cat["from_tags"] is False and csv_rows["cat.jpg"]["from_tags"] == "False"
+
+
+def test_a_row_says_unsure_and_from_tags_even_without_a_confidence():
+    # A model with a fallback but no familiarity profile: its dog and person checks still route captions.
+    routed = Caption("a cat on a bed", -1.0, True, tags=[("cat", 0.9)], confidence=None, unsure=True, from_tags=True)
+    row = caption_row("cat.jpg", routed)
+    assert row["unsure"] is True and row["from_tags"] is True and "confidence" not in row
+    plain = caption_row("cat.jpg", Caption("a cat", -1.0, True, tags=[("cat", 0.9)]))
+    assert plain["unsure"] is False and plain["from_tags"] is False
 
 
 def test_every_ranked_caption_carries_its_photos_tags(trained):
