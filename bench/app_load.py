@@ -3,8 +3,9 @@
     python bench/app_load.py [--checkpoint CKPT] [--requests 50] [--threads 8] [--beam-size 3] [--out bench/results]
                              [--client-process] [--compare-empty] [--name NAME]
 
-Starts the app on a free localhost port with the given (default: shipped) model, checks every
-answer against a caption computed alone, and prints the latencies and the machine.
+Starts the app on a free localhost port with the given (default: shipped) model, sends each client one
+untimed warm-up request, times the N requests, checks every answer against a caption computed alone, and
+prints the latencies and the machine.
 Writes app_load.md and app_load.json to --out (--name changes the names).
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_load(url: str, photos: list[Path], expected: dict, decoding: dict, threads: int,
              requests: int) -> tuple[list, float]:
-    """`requests` requests from `threads` gradio_client threads: [(answer correct, seconds)], wall seconds."""
+    """`requests` requests from `threads` gradio_client threads: [(answer correct, seconds)], wall seconds and the
+    CPU seconds this process spent meanwhile (server, model and, when they are threads here, the clients)."""
     clients = [Client(url, verbose=False) for _ in range(threads)]
 
     def request(i: int):
@@ -45,10 +47,20 @@ def run_load(url: str, photos: list[Path], expected: dict, decoding: dict, threa
             decoding["length_penalty"], decoding["no_repeat_ngram_size"], 1, api_name="/caption")
         return gallery[0]["caption"] == expected[photo.name], time.perf_counter() - started
 
-    started = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = list(pool.map(request, range(requests)))
-    return results, time.perf_counter() - started
+        # Untimed warm-up, one request per client: the first request a Gradio app serves imports matplotlib's
+        # backend (0.75 s) and more. Timed cold, that one-off cost fell on whichever app ran first.
+        list(pool.map(request, range(threads)))
+        started, cpu_started = time.perf_counter(), time.process_time()
+        results = list(pool.map(request, range(threads, threads + requests)))
+    return results, time.perf_counter() - started, time.process_time() - cpu_started
+
+
+def cpu_use(cpu: float, wall: float, requests: int, client_process: bool) -> dict:
+    """Cores busy and CPU per request in the server's process; with the clients elsewhere it misses theirs."""
+    if client_process:
+        return {}
+    return {"cores_busy": cpu / wall, "cpu_ms_per_request": 1000 * cpu / requests}
 
 
 def main() -> None:
@@ -86,7 +98,7 @@ def main() -> None:
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
             return client.submit(run_load, *job).result()
 
-    results, wall = load(url)
+    results, wall, cpu = load(url)
     app.close()
     empty = None
     if args.compare_empty:
@@ -105,11 +117,12 @@ def main() -> None:
                 probe.bind(("127.0.0.1", 0))
                 empty_port = probe.getsockname()[1]
             empty_app.launch(server_name="127.0.0.1", server_port=empty_port, prevent_thread_lock=True, quiet=True)
-            empty_results, empty_wall = load(f"http://127.0.0.1:{empty_port}/")
+            empty_results, empty_wall, empty_cpu = load(f"http://127.0.0.1:{empty_port}/")
             empty_app.close()
         finally:
             webapp.caption_requests = real
-        empty = {"correct": sum(ok for ok, _ in empty_results), "requests_per_s": len(empty_results) / empty_wall}
+        empty = {"correct": sum(ok for ok, _ in empty_results), "requests_per_s": len(empty_results) / empty_wall,
+                 **cpu_use(empty_cpu, empty_wall, len(empty_results), args.client_process)}
     latencies = sorted(seconds for _, seconds in results)
     checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT)
     shown = os.path.relpath(checkpoint, REPO) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
@@ -124,7 +137,8 @@ def main() -> None:
         "beam_size": args.beam_size, "clients": "own process" if args.client_process else "threads of the server's process",
         "correct": sum(ok for ok, _ in results),
         "median_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
-        "requests_per_s": len(results) / wall, "wall_s": wall, "empty_app": empty}
+        "requests_per_s": len(results) / wall, "wall_s": wall, "warm_up": True,
+        **cpu_use(cpu, wall, len(results), args.client_process), "empty_app": empty}
     report = markdown(result)
     write_results(args.out, args.name, result, report)
     print(report)
@@ -138,8 +152,9 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`: the app (`captioner.webapp.build_app`, queued as `python app.py` serves it) on a "
         f"localhost port, model `{result['checkpoint']}`, requests through `gradio_client` (clients: "
         f"{result['clients']}) cycling over the example "
-        f"photos ({', '.join(result['photos'])}); each answer is checked against the caption of that photo "
-        "computed alone.", "",
+        f"photos ({', '.join(result['photos'])}), after one untimed warm-up request per client"
+        f"{'' if result.get('warm_up') else ' (not in this older run)'}; each answer is checked against the "
+        "caption of that photo computed alone.", "",
         f"Machine: {info['processor']}, {info['cpu_count']} CPUs, {info['platform']}, Python {info['python']}, "
         f"torch {info['torch']} with {info['torch_threads']} threads; load average {info['load_average_start']:.1f} "
         f"at the start, {info['load_average_end']:.1f} at the end (the machine is shared).", "",
@@ -150,7 +165,12 @@ def markdown(result: dict) -> str:
             f"without the model), in the same run: {result['empty_app']['requests_per_s']:.1f} requests/s "
             f"({result['empty_app']['correct']}/{result['requests']} correct); the app serves "
             f"**{result['requests_per_s'] / result['empty_app']['requests_per_s']:.2f}x** of that.", ""]
-           if result.get("empty_app") else []))
+           if result.get("empty_app") else [])
+        + ([f"CPU of this process (server, model and clients) while timed: {result['cores_busy']:.2f} cores busy, "
+            f"{result['cpu_ms_per_request']:.0f} ms a request; the empty app {result['empty_app']['cores_busy']:.2f} "
+            f"cores, {result['empty_app']['cpu_ms_per_request']:.0f} ms: the model costs "
+            f"{result['cpu_ms_per_request'] - result['empty_app']['cpu_ms_per_request']:.0f} ms of CPU a request "
+            "under this load.", ""] if "cpu_ms_per_request" in (result.get("empty_app") or {}) else []))
 
 if __name__ == "__main__":
     main()

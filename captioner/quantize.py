@@ -54,7 +54,7 @@ class _PhotoBatches:
 
     def __init__(self, paths: Sequence[str], transform, batch_size: int, progress: bool):
         self.batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
-        self.transform, self.todo = transform, iter(())
+        self.transform, self.todo = transform, iter(self.batches)  # all of them, unless set_range narrows it
         self.bar = tqdm(total=len(paths), desc="calibrating int8", unit="img", disable=not progress, file=sys.stderr)
 
     def __len__(self) -> int:
@@ -81,8 +81,11 @@ class _PhotoBatches:
 
 def quantize_graph(fp32: Path | bytes, target: Path, paths: Sequence[str], transform, batch_size: int = 8,
                    progress: bool = True, metadata: dict | None = None, method: str = "MinMax",
-                   float_convolutions: int = 3) -> None:
-    """Statically quantize an fp32 encoder graph, calibrated on `paths`, and write it to `target`."""
+                   float_convolutions: int = 3, float_last_convolutions: int = 0, weight_bits: int = 7,
+                   unsigned_weights: bool = False) -> None:
+    """Statically quantize an fp32 encoder graph, calibrated on `paths`, and write it to `target`.
+
+    The defaults are the ones `captioner calibrate-int8` uses; the others are for bench/int8_variants.py."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -96,16 +99,17 @@ def quantize_graph(fp32: Path | bytes, target: Path, paths: Sequence[str], trans
         model = onnx.load(str(source))
         convolutions = [node.name for node in model.graph.node if node.op_type == "Conv"]
         keep_float = [node.name for node in model.graph.node if node.op_type in FLOAT_OPS] + \
-            convolutions[:float_convolutions]
+            convolutions[:float_convolutions] + convolutions[len(convolutions) - float_last_convolutions:]
         quantized = Path(work) / "int8.onnx"
         batches = _PhotoBatches(paths, transform, batch_size, progress)
         # reduce_range: 7-bit weights. Without VNNI (as on this repo's AVX2 machine), 8-bit weights saturate the
         # int16 sums of x86's u8 x s8 instruction: the pooled features' cosine to fp32 fell to 0.90 (0.98 with 7
         # bits). 7-bit weights cannot saturate, so a graph gives the same numbers on every x86 CPU.
         quantize_static(str(source), str(quantized), batches, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
                         nodes_to_exclude=keep_float, calibrate_method=getattr(CalibrationMethod, method),
-                        extra_options={"CalibStridedMinMax": 1})
+                        extra_options={"CalibStridedMinMax": 1} if method == "MinMax" else {})
         batches.bar.close()
         result = onnx.load(str(quantized))
         for key, value in (metadata or {}).items():

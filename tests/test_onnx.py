@@ -146,6 +146,21 @@ def test_int8_is_calibrated_by_a_command_and_used_when_asked(trained, tiny_flick
     assert features.features.shape == (len(shapes), 1280) and (tmp_path / "cache" / int8.encoder.cache_key()).is_dir()
 
 
+def test_int8_calibration_takes_histogram_methods_and_float_layers_at_the_end(trained, shapes, tmp_path):
+    # bench/int8_variants.py's settings. Histogram calibrators read every batch without asking for a range.
+    from captioner.onnx_runtime import EncoderSession, encoder_graph
+    from captioner.quantize import quantize_graph
+
+    encoder = Captioner.from_checkpoint(trained[1] / "best.pt", runtime="onnx").encoder
+    images = torch.stack([encoder.transform.load(p) for p in shapes])
+    for name, options in {"percentile": {"method": "Percentile"},
+                          "last-float": {"float_last_convolutions": 4, "weight_bits": 8}}.items():
+        graph = tmp_path / f"{name}.onnx"
+        quantize_graph(encoder_graph(encoder, "fp32"), graph, shapes, encoder.transform, progress=False, **options)
+        close = torch.nn.functional.cosine_similarity(EncoderSession(graph)(images)[0], encoder(images)[0])
+        assert 0.6 < close.mean() < 0.9999, (name, close)
+
+
 # --- the exported model, run with onnxruntime and numpy alone -------------------------------------------------
 
 def load_image(path: str, image: dict) -> np.ndarray:
