@@ -135,7 +135,8 @@ class Captioner:
         dog the encoder does not see (dog tag < decode.unseen_dog_below), or when it names a person the
         person probe does not see (< decode.unseen_person_below). With a fallback decoder, unsure photos'
         captions are written from their tags instead, except unfamiliar photos the probe is sure show
-        people (> decode.people_sure_above): the Flickr8k decoder knows people, the fallback never names them.
+        people (> decode.people_sure_above): the Flickr8k decoder knows people, the fallback never names them,
+        and photos without a single tag, which give the fallback nothing to write from.
         """
         pooled = features.float().mean(1) if self.decoder.uses_grid else features
         class_probs = self.encoder.classify(pooled)
@@ -144,7 +145,10 @@ class Captioner:
         person = self.domain.person.probability(pooled).tolist() if self.domain and self.domain.person else None
         unfamiliar = [c is not None and c < decode.unsure_below for c in confidence]
         shows_people = [p > decode.people_sure_above for p in person] if person else [False] * len(features)
-        to_fallback = [bool(self.fallback) and u and not p for u, p in zip(unfamiliar, shows_people)]
+        # The fallback writes from the tags alone: with none ("nothing the model knows") it would invent its
+        # favourite subject ("a large white dog..."), so such a photo keeps the caption written from it.
+        to_fallback = [bool(self.fallback) and u and not p and bool(t)
+                       for u, p, t in zip(unfamiliar, shows_people, tags)]
         results: list[list[Caption]] = [[] for _ in range(len(features))]
         from_photo = [i for i, moved in enumerate(to_fallback) if not moved]
         if from_photo:
@@ -158,7 +162,7 @@ class Captioner:
             unseen[i] = (mentions_dog(words) and dog[i] < decode.unseen_dog_below) \
                 or (person is not None and mentions_person(words) and person[i] < decode.unseen_person_below)
         unsure = [u or s for u, s in zip(unfamiliar, unseen)]
-        from_tags = [i for i in range(len(features)) if to_fallback[i] or unseen[i]] if self.fallback else []
+        from_tags = [i for i in range(len(features)) if to_fallback[i] or unseen[i] and tags[i]] if self.fallback else []
         if from_tags:
             vocab, decoder = self.fallback
             tag_vectors, renames = self.borrowing.lend(decoder.tag_vectors([tags[i] for i in from_tags]))

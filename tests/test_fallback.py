@@ -131,6 +131,20 @@ def test_an_unfamiliar_photo_the_person_probe_is_sure_shows_people_keeps_the_fli
     assert kept.text == captioner.caption(astronaut).text
 
 
+def test_an_unsure_photo_without_a_single_tag_keeps_the_caption_written_from_it(monkeypatch):
+    captioner = Captioner.from_checkpoint()
+    cat = str(EXAMPLES / "cat.jpg")
+    assert captioner.caption(cat).from_tags
+    # The encoder names nothing: the fallback would have only its favourite subject to write ("a large white
+    # dog sitting on top of a wooden table", whatever the photo).
+    monkeypatch.setattr(captioner.concept_words, "tags", lambda class_probs: [[] for _ in class_probs])
+    kept = captioner.caption(cat)
+    assert kept.unsure and not kept.from_tags and kept.tags == []
+    assert kept.text == captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0, unseen_person_below=0.0).text
+    checked = captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0)  # the person check: the same
+    assert checked.unsure and not checked.from_tags and checked.text == kept.text
+
+
 def test_a_fallback_caption_writes_each_content_word_once_whatever_the_search():
     from captioner.fallback import OnceOnlyWords
     from captioner.search import beam_search, greedy_search
