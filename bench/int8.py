@@ -39,6 +39,15 @@ REPO = Path(__file__).resolve().parents[1]
 LIMITS = {"flickr8k": {"bleu4": 0.005, "cider_d": 0.01}, "ood": {"cider_d": 0.01}}  # issue 14's, against fp32
 
 
+def int8_machine() -> dict:
+    """What decides int8's speed and numbers: the CPU (VNNI or not), the runtime, the threads."""
+    cpuinfo = Path("/proc/cpuinfo")
+    return {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "onnxruntime": onnxruntime.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "avx512_vnni": "avx512_vnni" in cpuinfo.read_text() if cpuinfo.is_file() else None}
+
+
 def evaluate(arguments: list[str], captions: Path) -> dict:
     """`captioner evaluate ARGUMENTS --out CAPTIONS`; its JSON line."""
     import contextlib
@@ -115,11 +124,7 @@ def main() -> None:
               "int8_graph": str(int8_file), "calibration": calibrated,
               "calibration_seconds": round(calibration_seconds, 1), "limits": LIMITS, "sets": results,
               "int8_may_be_default": verdict,
-              "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                          "platform": platform.platform(), "onnxruntime": onnxruntime.__version__,
-                          "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                          "avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
-                          if Path("/proc/cpuinfo").is_file() else None}}
+              "machine": int8_machine()}
     report = markdown(result)
     write_results(args.out, args.name, result, report)
     print(report)

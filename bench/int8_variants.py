@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import platform
 import random
 import sys
 import tempfile
@@ -23,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime
 import torch
 
 from captioner.checkpoint import load_checkpoint
@@ -33,6 +30,7 @@ from captioner.files import write_results
 from captioner.inference import DEFAULT_CHECKPOINT
 from captioner.onnx_runtime import encoder_graph, inference_session
 from captioner.quantize import calibration_sample, quantize_graph
+from int8 import int8_machine  # bench/int8.py, next to this file
 
 VARIANTS = {  # name -> quantize_graph options; the first is what `captioner calibrate-int8` makes
     "shipped setting: first 3 convolutions fp32, MinMax, 7-bit weights": {},
@@ -116,10 +114,7 @@ def main() -> None:
             print(name, row, file=sys.stderr, flush=True)
     result = {"command": " ".join(["python bench/int8_variants.py", *sys.argv[1:]]), "checkpoint": checkpoint,
               "photos": {name: len(paths) for name, paths in photos.items()}, "variants": rows,
-              "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                          "onnxruntime": onnxruntime.__version__, "torch_threads": torch.get_num_threads(),
-                          "avx512_vnni": "avx512_vnni" in Path("/proc/cpuinfo").read_text()
-                          if Path("/proc/cpuinfo").is_file() else None}}
+              "machine": int8_machine()}
     report = markdown(result)
     write_results(args.out, args.name, result, report)
     print(report)

@@ -9,7 +9,7 @@ import torch
 
 from captioner.checkpoint import CheckpointError, load_checkpoint
 from captioner.cli import main
-from captioner.concepts import ConceptWords, default_concept_words
+from captioner.concepts import default_concept_words
 from captioner.fallback import CaptionConcepts, caption_tag_vector, singular
 from captioner.inference import Captioner
 from captioner.metrics import mentions_person
