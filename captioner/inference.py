@@ -162,7 +162,8 @@ class Captioner:
             unseen[i] = (mentions_dog(words) and dog[i] < decode.unseen_dog_below) \
                 or (person is not None and mentions_person(words) and person[i] < decode.unseen_person_below)
         unsure = [u or s for u, s in zip(unfamiliar, unseen)]
-        from_tags = [i for i in range(len(features)) if to_fallback[i] or unseen[i] and tags[i]] if self.fallback else []
+        from_tags = [i for i in range(len(features)) if to_fallback[i] or (unseen[i] and tags[i])] \
+            if self.fallback else []
         if from_tags:
             vocab, decoder = self.fallback
             tag_vectors, renames = self.borrowing.lend(decoder.tag_vectors([tags[i] for i in from_tags]))

@@ -86,6 +86,8 @@ def quantize_graph(fp32: Path | bytes, target: Path, paths: Sequence[str], trans
     """Statically quantize an fp32 encoder graph, calibrated on `paths`, and write it to `target`.
 
     The defaults are the ones `captioner calibrate-int8` uses; the others are for bench/int8_variants.py."""
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, not {weight_bits}")
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
