@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def run_load(url: str, photos: list[Path], expected: dict, decoding: dict, threads: int,
-             requests: int) -> tuple[list, float]:
+             requests: int) -> tuple[list, float, float]:
     """`requests` requests from `threads` gradio_client threads: [(answer correct, seconds)], wall seconds and the
     CPU seconds this process spent meanwhile (server, model and, when they are threads here, the clients)."""
     clients = [Client(url, verbose=False) for _ in range(threads)]
@@ -152,9 +152,8 @@ def markdown(result: dict) -> str:
         f"`{result['command']}`: the app (`captioner.webapp.build_app`, queued as `python app.py` serves it) on a "
         f"localhost port, model `{result['checkpoint']}`, requests through `gradio_client` (clients: "
         f"{result['clients']}) cycling over the example "
-        f"photos ({', '.join(result['photos'])}), after one untimed warm-up request per client"
-        f"{'' if result.get('warm_up') else ' (not in this older run)'}; each answer is checked against the "
-        "caption of that photo computed alone.", "",
+        f"photos ({', '.join(result['photos'])}), after one untimed warm-up request per client; each answer is "
+        "checked against the caption of that photo computed alone.", "",
         f"Machine: {info['processor']}, {info['cpu_count']} CPUs, {info['platform']}, Python {info['python']}, "
         f"torch {info['torch']} with {info['torch_threads']} threads; load average {info['load_average_start']:.1f} "
         f"at the start, {info['load_average_end']:.1f} at the end (the machine is shared).", "",

@@ -147,8 +147,8 @@ class Captioner:
         shows_people = [p > decode.people_sure_above for p in person] if person else [False] * len(features)
         # The fallback writes from the tags alone: with none ("nothing the model knows") it would invent its
         # favourite subject ("a large white dog..."), so such a photo keeps the caption written from it.
-        to_fallback = [bool(self.fallback) and u and not p and bool(t)
-                       for u, p, t in zip(unfamiliar, shows_people, tags)]
+        writable = [bool(self.fallback) and bool(t) for t in tags]
+        to_fallback = [w and u and not p for w, u, p in zip(writable, unfamiliar, shows_people)]
         results: list[list[Caption]] = [[] for _ in range(len(features))]
         from_photo = [i for i, moved in enumerate(to_fallback) if not moved]
         if from_photo:
@@ -162,8 +162,7 @@ class Captioner:
             unseen[i] = (mentions_dog(words) and dog[i] < decode.unseen_dog_below) \
                 or (person is not None and mentions_person(words) and person[i] < decode.unseen_person_below)
         unsure = [u or s for u, s in zip(unfamiliar, unseen)]
-        from_tags = [i for i in range(len(features)) if to_fallback[i] or (unseen[i] and tags[i])] \
-            if self.fallback else []
+        from_tags = [i for i in range(len(features)) if to_fallback[i] or (unseen[i] and writable[i])]
         if from_tags:
             vocab, decoder = self.fallback
             tag_vectors, renames = self.borrowing.lend(decoder.tag_vectors([tags[i] for i in from_tags]))

@@ -192,7 +192,7 @@ def load_training_data(config: Config, state: dict | None, device, progress: boo
         vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
     train_features = table.lookup([r.path for r in train_records])
     dev_features = table.lookup([r.path for r in dev_records])
-    domain = domain_profile(train_features, dev_features, config, person_share(train_records)).to_dict()
+    domain = domain_profile(train_features, dev_features, config, train_records).to_dict()
     tokens, caption_images = caption_tensor(train_records, vocab, config.data.max_caption_length)
     log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
         f"vocabulary {len(vocab)} words, device {device}"
@@ -238,12 +238,12 @@ def person_share(records: list[ImageRecord]) -> torch.Tensor:
 
 
 def domain_profile(train_features: torch.Tensor, dev_features: torch.Tensor, config: Config,
-                   train_person_share: torch.Tensor | None = None) -> DomainProfile:
+                   train_records: list[ImageRecord]) -> DomainProfile:
     """How familiar photos are to a model trained on these features (pooled; for attention, the grid's mean),
-    with a person probe when the training photos' person shares are given."""
+    with a person probe learnt from the training photos' references (`train_records`, in the features' order)."""
     if config.decoder.attention:
         train_features, dev_features = train_features.float().mean(1), dev_features.float().mean(1)
-    return DomainProfile.fit(train_features, dev_features, person_share=train_person_share)
+    return DomainProfile.fit(train_features, dev_features, person_share=person_share(train_records))
 
 
 def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainProfile:
@@ -252,7 +252,7 @@ def fit_domain_profile(config: Config, device, progress: bool = True) -> DomainP
     table, _ = prepare_features(config, dataset, device, progress)
     train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
     return domain_profile(table.lookup([r.path for r in train_records]), table.lookup([r.path for r in dev_records]),
-                          config, person_share(train_records))
+                          config, train_records)
 
 
 # --- the model: decoder, loss, optimizer, schedule --------------------------------------------------
