@@ -1,7 +1,7 @@
 """Load on the web app: N requests from T threads through gradio_client; median and p95 latency.
 
     python bench/app_load.py [--checkpoint CKPT] [--requests 50] [--threads 8] [--beam-size 3] [--out bench/results]
-                             [--client-process] [--compare-empty] [--name NAME]
+                             [--client-process] [--compare-empty [--rounds R]] [--name NAME]
 
 Starts the app on a free localhost port with the given (default: shipped) model, sends each client one
 untimed warm-up request, times the N requests, checks every answer against a caption computed alone, and
@@ -19,6 +19,7 @@ import socket
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -77,55 +78,53 @@ def main() -> None:
     parser.add_argument("--compare-empty", action="store_true",
                         help="then the same load on an empty app of the same shape (the same page, endpoint and "
                              "queue, answering at once without the model): Gradio's own ceiling on this machine")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="with --compare-empty: time the two apps this many times each, alternating (ABBA...), "
+                             "so that the shared machine's changing load falls on both; reports each round's ratio")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     load_start = os.getloadavg()
 
     captioner = Captioner.from_checkpoint(args.checkpoint)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    app = build_app(captioner)
-    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
-    url = f"http://127.0.0.1:{port}/"
     photos = sorted(EXAMPLES_DIR.glob("*.jpg"))
     decoding = dict(beam_size=args.beam_size, max_length=20, length_penalty=0.0, no_repeat_ngram_size=3)
     expected = {p.name: gallery_text(captioner.caption(p, **decoding)) for p in photos}  # as the app shows it
+    apps = {"app": launch(build_app(captioner))}
+    if args.compare_empty:
+        apps["empty"] = launch(empty_app(captioner, photos, expected))
 
-    def load(url: str) -> tuple[list, float]:
+    def load(url: str) -> tuple[list, float, float]:
         job = (url, photos, expected, decoding, args.threads, args.requests)
         if not args.client_process:
             return run_load(*job)
         with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as client:
             return client.submit(run_load, *job).result()
 
-    results, wall, cpu = load(url)
-    app.close()
-    empty = None
-    if args.compare_empty:
-        import captioner.webapp as webapp
-
-        answers = {p.name: ([(str(p), expected[p.name])], [[p.name, 1, expected[p.name], 0.0, "", None, ""]])
-                   for p in photos}
-
-        def answer_at_once(_, files, *options):  # the app's batch function, without the model
-            return tuple(map(list, zip(*[answers[Path(str(f[0])).name] for f in files])))
-
-        real, webapp.caption_requests = webapp.caption_requests, answer_at_once  # looked up on every call
-        try:
-            empty_app = build_app(captioner)
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                empty_port = probe.getsockname()[1]
-            empty_app.launch(server_name="127.0.0.1", server_port=empty_port, prevent_thread_lock=True, quiet=True)
-            empty_results, empty_wall, empty_cpu = load(f"http://127.0.0.1:{empty_port}/")
-            empty_app.close()
-        finally:
-            webapp.caption_requests = real
-        empty = {"correct": sum(ok for ok, _ in empty_results), "requests_per_s": len(empty_results) / empty_wall,
-                 **cpu_use(empty_cpu, empty_wall, len(empty_results), args.client_process)}
+    order = ["app", "empty"] if args.compare_empty else ["app"]
+    timed: dict[str, list] = {name: [] for name in order}
+    try:
+        for round_ in range(args.rounds):
+            for name in (order if round_ % 2 == 0 else order[::-1]):
+                timed[name].append(load(apps[name][1]))
+    finally:
+        for app, _ in apps.values():
+            app.close()
+    rounds = [{name: summary(*timed[name][i], args.client_process) for name in order} for i in range(args.rounds)]
+    results = [ok_seconds for answers, _, _ in timed["app"] for ok_seconds in answers]
     latencies = sorted(seconds for _, seconds in results)
+    wall = sum(w for _, w, _ in timed["app"])
+    cpu = sum(c for _, _, c in timed["app"])
     checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT)
     shown = os.path.relpath(checkpoint, REPO) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
+    empty = None
+    if args.compare_empty:
+        empty_answers = [ok for answers, _, _ in timed["empty"] for ok, _ in answers]
+        empty_wall = sum(w for _, w, _ in timed["empty"])
+        empty = {"correct": sum(empty_answers), "requests_per_s": len(empty_answers) / empty_wall,
+                 **cpu_use(sum(c for _, _, c in timed["empty"]), empty_wall, len(empty_answers), args.client_process)}
+        for one in rounds:
+            one["ratio"] = one["app"]["requests_per_s"] / one["empty"]["requests_per_s"]
     result = {
         "command": " ".join(["python bench/app_load.py", *sys.argv[1:]]),
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -134,18 +133,54 @@ def main() -> None:
                     "load_average_end": os.getloadavg()[0]},
         "checkpoint": f"{shown} (sha256 {hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]})",
         "photos": [p.name for p in photos], "requests": args.requests, "threads": args.threads,
-        "beam_size": args.beam_size, "clients": "own process" if args.client_process else "threads of the server's process",
-        "correct": sum(ok for ok, _ in results),
+        "beam_size": args.beam_size,
+        "clients": "own process" if args.client_process else "threads of the server's process",
+        "rounds": args.rounds, "correct": sum(ok for ok, _ in results),
         "median_s": statistics.median(latencies), "p95_s": latencies[max(0, round(0.95 * len(latencies)) - 1)],
         "requests_per_s": len(results) / wall, "wall_s": wall, "warm_up": True,
-        **cpu_use(cpu, wall, len(results), args.client_process), "empty_app": empty}
+        **cpu_use(cpu, wall, len(results), args.client_process), "empty_app": empty, "per_round": rounds}
     report = markdown(result)
     write_results(args.out, args.name, result, report)
     print(report)
 
 
+def launch(app) -> tuple:
+    """(app, url): the app served on a free localhost port, in threads of this process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    return app, f"http://127.0.0.1:{port}/"
+
+
+def empty_app(captioner, photos: list[Path], expected: dict):
+    """The app's page, endpoint and queue, whose batch function answers at once without the model: Gradio's own
+    ceiling. Its captioner is a stand-in that the patched batch function recognises; the real app keeps the real
+    function (the page looks caption_requests up on every call)."""
+    import captioner.webapp as webapp
+
+    stand_in = SimpleNamespace(config=captioner.config)
+    answers = {p.name: ([(str(p), expected[p.name])], [[p.name, 1, expected[p.name], 0.0, "", None, ""]])
+               for p in photos}
+    real = webapp.caption_requests
+
+    def caption_requests(model, files, *options):
+        if model is not stand_in:
+            return real(model, files, *options)
+        return tuple(map(list, zip(*[answers[Path(str(f[0])).name] for f in files])))
+
+    webapp.caption_requests = caption_requests
+    return build_app(stand_in)
+
+
+def summary(answers: list, wall: float, cpu: float, client_process: bool) -> dict:
+    return {"correct": sum(ok for ok, _ in answers), "requests_per_s": len(answers) / wall,
+            **cpu_use(cpu, wall, len(answers), client_process)}
+
+
 def markdown(result: dict) -> str:
     info = result["machine"]
+    sent = result["requests"] * result.get("rounds", 1)
     return "\n".join([
         f"# The web app under load: {result['requests']} requests from {result['threads']} threads, "
         f"beam {result['beam_size']}", "",
@@ -158,18 +193,33 @@ def markdown(result: dict) -> str:
         f"torch {info['torch']} with {info['torch_threads']} threads; load average {info['load_average_start']:.1f} "
         f"at the start, {info['load_average_end']:.1f} at the end (the machine is shared).", "",
         "| correct | median latency | 95th percentile | requests/s |", "| --- | --- | --- | --- |",
-        f"| {result['correct']}/{result['requests']} | {result['median_s']:.2f} s | {result['p95_s']:.2f} s | "
+        f"| {result['correct']}/{sent} | {result['median_s']:.2f} s | {result['p95_s']:.2f} s | "
         f"{result['requests_per_s']:.1f} |", ""]
         + ([f"The same load on an empty app of the same shape (the same page, endpoint and queue, answering at once "
             f"without the model), in the same run: {result['empty_app']['requests_per_s']:.1f} requests/s "
-            f"({result['empty_app']['correct']}/{result['requests']} correct); the app serves "
+            f"({result['empty_app']['correct']}/{sent} correct); the app serves "
             f"**{result['requests_per_s'] / result['empty_app']['requests_per_s']:.2f}x** of that.", ""]
            if result.get("empty_app") else [])
+        + (rounds_table(result) if result.get("empty_app") and result.get("rounds", 1) > 1 else [])
         + ([f"CPU of this process (server, model and clients) while timed: {result['cores_busy']:.2f} cores busy, "
             f"{result['cpu_ms_per_request']:.0f} ms a request; the empty app {result['empty_app']['cores_busy']:.2f} "
             f"cores, {result['empty_app']['cpu_ms_per_request']:.0f} ms: the model costs "
             f"{result['cpu_ms_per_request'] - result['empty_app']['cpu_ms_per_request']:.0f} ms of CPU a request "
             "under this load.", ""] if "cpu_ms_per_request" in (result.get("empty_app") or {}) else []))
+
+def rounds_table(result: dict) -> list[str]:
+    rounds = result["per_round"]
+    ratios = sorted(one["ratio"] for one in rounds)
+    rows = [f"| {i} | {one['app']['requests_per_s']:.2f} | {one['empty']['requests_per_s']:.2f} | {one['ratio']:.2f} | "
+            + (f"{one['app']['cpu_ms_per_request'] - one['empty']['cpu_ms_per_request']:.0f} |"
+               if "cpu_ms_per_request" in one["app"] else "- |") for i, one in enumerate(rounds, start=1)]
+    spread = statistics.stdev(ratios) / len(ratios) ** 0.5
+    return [f"Round by round ({len(rounds)} rounds of {result['requests']} requests each, the two apps alternating "
+            f"ABBA...): median ratio **{statistics.median(ratios):.2f}x**, mean {statistics.mean(ratios):.2f} "
+            f"(standard error {spread:.2f}), from {ratios[0]:.2f} to {ratios[-1]:.2f}.", "",
+            "| round | app requests/s | empty requests/s | ratio | model's CPU ms a request |",
+            "| --- | --- | --- | --- | --- |", *rows, ""]
+
 
 if __name__ == "__main__":
     main()
