@@ -211,10 +211,40 @@ def step_module(decoder) -> nn.Module:
 def export_module(module: nn.Module, inputs: tuple, target: str | Path | io.BytesIO, input_names: list[str],
                   output_names: list[str], batch_axes: dict[str, int]) -> None:
     """A module (eval mode, no gradients) to an ONNX graph whose `batch_axes` are dynamic."""
+    buffer = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's notes (RNN batch sizes, its deprecation)
-        torch.onnx.export(module.eval(), inputs, target, dynamo=False, opset_version=OPSET, input_names=input_names,
+        torch.onnx.export(module.eval(), inputs, buffer, dynamo=False, opset_version=OPSET, input_names=input_names,
                           output_names=output_names, dynamic_axes={k: {v: "batch"} for k, v in batch_axes.items()})
+        outputs = module(*inputs)
+    shapes = dict(zip(input_names, (tuple(t.shape) for t in inputs)))
+    shapes.update(zip(output_names, (tuple(t.shape) for t in (outputs if isinstance(outputs, tuple) else (outputs,)))))
+    data = declare_shapes(buffer.getvalue(), shapes, batch_axes)
+    if isinstance(target, io.BytesIO):
+        target.write(data)
+    else:
+        Path(target).write_bytes(data)
+
+
+def declare_shapes(graph: bytes, shapes: dict[str, tuple[int, ...]], batch_axes: dict[str, int]) -> bytes:
+    """The graph with its inputs' and outputs' shapes declared as they are: "batch" on each batch axis, sizes
+    elsewhere. The exporter's own guesses can be wrong (the grid [batch, 1280, batch, Clipgrid_dim_3], the state
+    [Transposeh_dim_0, batch, Transposeh_dim_2]), and runtimes that plan with declared shapes (ONNX Runtime's
+    free dimension overrides, converters to other formats) read them. Inner shapes are inferred again from these."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    for value in [*model.graph.input, *model.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        del dims[:]
+        for axis, size in enumerate(shapes[value.name]):
+            dim = dims.add()
+            if axis == batch_axes.get(value.name):
+                dim.dim_param = "batch"
+            else:
+                dim.dim_value = size
+    del model.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(model).SerializeToString()
 
 
 def export_decoder_step(decoder, state: tuple[torch.Tensor, ...], target: str | Path | io.BytesIO) -> list[str]:
