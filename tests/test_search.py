@@ -270,6 +270,33 @@ def test_at_penalty_zero_a_later_better_caption_is_kept_until_beam_size_have_fin
             assert hyps[0].tokens == [B, C]
 
 
+class RowCounter:
+    """A model that counts the rows its steps decode."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, 0
+
+    def init_state(self, features):
+        return self.model.init_state(features)
+
+    def step(self, tokens, state):
+        self.rows += len(tokens)
+        return self.model.step(tokens, state)
+
+
+def test_at_penalty_zero_an_image_stops_once_no_live_beam_can_beat_its_best_finished_caption():
+    """Log-probs only fall, so once the n_best-th finished caption scores at least the best live beam, more
+    steps cannot change the result: the captions of the rule before #15, for fewer decoder rows."""
+    now, before = RowCounter(random_decoder(12, 5)), RowCounter(random_decoder(12, 5))
+    features = torch.randn(40, 16)
+    for images in [features, *features[:10].split(1)]:  # the batched search and the one-image path
+        found = beam_search(now, images, beam_size=3, max_length=10, no_repeat_ngram_size=2)
+        expected = old_beam_search(before, images, 3, 10, no_repeat_ngram_size=2)
+        assert [(h[0].tokens, h[0].score) for h in found] == \
+               [(h[0].tokens, pytest.approx(h[0].score, abs=1e-5)) for h in expected]
+    assert now.rows < 0.97 * before.rows
+
+
 def test_n_best_are_distinct_and_sorted_by_score():
     model = random_decoder(30, 3)
     hypotheses = beam_search(model, torch.randn(2, 16), beam_size=5, max_length=8, n_best=5)
