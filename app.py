@@ -6,7 +6,7 @@ import sys
 
 from captioner.checkpoint import CheckpointError
 from captioner.inference import Captioner
-from captioner.webapp import MAX_FILE_SIZE, build_app
+from captioner.webapp import MAX_FILE_SIZE, build_app, warm_up
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     except (CheckpointError, OSError, ValueError) as error:
         print(f"app: error: {error}", file=sys.stderr)
         return 1
+    warm_up(captioner)
     build_app(captioner).launch(server_name=args.host, server_port=args.port, share=args.share,
                                 max_file_size=MAX_FILE_SIZE, show_error=True)
     return 0

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import gradio as gr
@@ -83,6 +84,19 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
     if len(files) == 1 and not galleries[0]:
         gr.Warning("None of the uploaded files could be read as an image; see the table.")
     return galleries, tables
+
+
+def warm_up(captioner: Captioner) -> None:
+    """Make a new server's first request as fast as the next ones (0.3 s against 1.2 s here): caption the example
+    photos once, which makes ONNX Runtime's sessions for the CNN and both decoders, and settle matplotlib's
+    default backend, which Gradio otherwise does while it serves the first request."""
+    import matplotlib
+
+    matplotlib.get_backend()
+    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    for _, _, error in captioner.caption_files(examples, num_workers=0):
+        if error is not None:  # a damaged install: say so, and serve anyway
+            print(f"app: warning: could not caption an example photo: {error}", file=sys.stderr)
 
 
 def build_app(captioner: Captioner) -> gr.Blocks:
