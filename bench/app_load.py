@@ -160,7 +160,7 @@ def empty_app(captioner, photos: list[Path], expected: dict):
     import captioner.webapp as webapp
 
     stand_in = SimpleNamespace(config=captioner.config)
-    answers = {p.name: ([(str(p), expected[p.name])], [[p.name, 1, expected[p.name], 0.0, "", None, ""]])
+    answers = {p.name: ([(str(p), expected[p.name])], [webapp.caption_row(p.name, 1, captioner.caption(p))])
                for p in photos}
     real = webapp.caption_requests
 

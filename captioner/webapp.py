@@ -16,7 +16,20 @@ from .inference import Caption, Captioner
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "20mb"
 MAX_BATCH = 16  # concurrent requests captioned together
-TABLE_HEADERS = ["file", "rank", "caption", "score", "error", "confidence", "the photo shows"]
+# The table's columns: those of `captioner caption`'s rows (caption.py FIELDS), with the file's name and the rank.
+TABLE_HEADERS = ["file", "rank", "caption", "score", "confidence", "unsure", "from tags", "the photo shows", "error"]
+TABLE_TYPES = ["str", "number", "str", "number", "number", "bool", "bool", "str", "str"]
+TABLE_WIDTHS = ["13%", "5%", "26%", "10%", "10%", "7%", "7%", "15%", "7%"]
+
+
+def caption_row(name: str, rank: int, caption: Caption) -> list:
+    confidence = None if caption.confidence is None else round(caption.confidence, 3)
+    return [name, rank, caption.text, round(caption.score, 3), confidence, caption.unsure, caption.from_tags,
+            tags_text(caption.tags), ""]
+
+
+def error_row(name: str, error: str) -> list:
+    return [name, None, "", None, None, None, None, "", error]
 
 
 def gallery_text(caption: Caption) -> str:
@@ -54,7 +67,7 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
     groups: dict[tuple, list[tuple[int, list[str]]]] = {}
     for request, request_files in enumerate(files):
         if not request_files:
-            tables[request] = [["", None, "", None, "Upload at least one image.", None, ""]]
+            tables[request] = [error_row("", "Upload at least one image.")]
             continue
         if isinstance(request_files, (str, Path)):
             request_files = [request_files]
@@ -74,12 +87,10 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
                 captions, error = results[index]
                 name = Path(path).name
                 if error is not None:
-                    tables[request].append([name, None, "", None, error.replace(path, name), None, ""])
+                    tables[request].append(error_row(name, error.replace(path, name)))
                     continue
                 galleries[request].append((path, gallery_text(captions[0])))
-                tables[request] += [[name, rank, c.text, round(c.score, 3), "",
-                                     None if c.confidence is None else round(c.confidence, 3), tags_text(c.tags)]
-                                    for rank, c in enumerate(captions, start=1)]
+                tables[request] += [caption_row(name, rank, c) for rank, c in enumerate(captions, start=1)]
             offset += len(request_paths)
     if len(files) == 1 and not galleries[0]:
         gr.Warning("None of the uploaded files could be read as an image; see the table.")
@@ -120,7 +131,8 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                 button = gr.Button("Caption", variant="primary")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Captions", columns=3, height="auto")
-                table = gr.Dataframe(headers=TABLE_HEADERS, label="All captions with scores", wrap=True)
+                table = gr.Dataframe(headers=TABLE_HEADERS, datatype=TABLE_TYPES, column_widths=TABLE_WIDTHS,
+                                     label="All captions with scores", wrap=True)
         examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
         if examples:
             gr.Examples([[[p]] for p in examples], inputs=[files], label="Example photos")

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from captioner import Captioner
-from captioner.webapp import EXAMPLES_DIR, build_app, caption_uploads, warm_up
+from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, build_app, caption_uploads, warm_up
 from conftest import free_port
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -37,8 +37,10 @@ def test_caption_function_reports_bad_files_and_n_best(captioner, tiny_flickr8k,
     ranks = [row for row in table if row[0] == "red_circle_2.jpg"]
     assert [row[1] for row in ranks] == [1, 2, 3] and ranks[0][3] >= ranks[2][3]
     error = [row for row in table if row[0] == "letter.jpg"][0]
-    assert "not an image" in error[4] and str(tmp_path) not in error[4]
-    assert ranks[0][5] is not None and 0 <= ranks[0][5] <= 1  # confidence; then what the photo shows
+    assert "not an image" in error[-1] and str(tmp_path) not in error[-1]
+    row = dict(zip(TABLE_HEADERS, ranks[0]))
+    assert row["confidence"] is not None and 0 <= row["confidence"] <= 1 and row["error"] == ""
+    assert row["unsure"] in (True, False) and row["from tags"] in (True, False)
     gallery, table = caption_uploads(captioner, [good], "greedy", 5, 12, 0.0, 2, 3)
     assert len(table) == 1  # greedy gives one caption
 
