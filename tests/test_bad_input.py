@@ -18,7 +18,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.cli import main
 from captioner.transform import ImageLoadError, load_image
-from captioner.webapp import EXAMPLES_DIR, caption_uploads
+from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, caption_uploads
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -143,7 +143,7 @@ def test_app_function_survives_every_awkward_file(trained, zoo):
     captioner = Captioner.from_checkpoint(trained[1] / "best.pt")
     files = sorted(str(p) for p in folder.iterdir() if "latin1" not in p.name)
     gallery, table = caption_uploads(captioner, files, "beam", 2, 10, 0.0, 2, 1)
-    errors = {row[0] for row in table if row[4]}
+    errors = {row[0] for row in table if row[TABLE_HEADERS.index("error")]}
     assert errors == {n for n, e in expected.items() if e is not None}
     assert len(gallery) == len(files) - len(errors)
 
