@@ -115,8 +115,10 @@ def build_app(captioner: Captioner) -> gr.Blocks:
     with gr.Blocks(title="captioner") as app:
         gr.Markdown("# captioner\nUpload photos; a CNN encoder and a recurrent decoder describe them. "
                     "*Confidence* is how familiar a photo is to the model (the share of its held-out photos that "
-                    "look no more familiar); below 0.05 the caption is marked unsure. *The photo shows* lists what "
-                    "the encoder's ImageNet classifier sees, as caption words.")
+                    f"look no more familiar); below {defaults.unsure_below:g} the caption is marked *unsure*. "
+                    "*The photo shows* lists what the encoder's ImageNet classifier sees, as caption words; "
+                    "*from tags* marks a caption written from those words instead of from the photo, which the "
+                    "model does for the photos it is unsure of when it carries a fallback decoder.")
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Images", file_count="multiple", type="filepath")
