@@ -29,7 +29,7 @@ from gradio_client import Client, handle_file
 from captioner.files import write_results
 from captioner import Captioner
 from captioner.inference import DEFAULT_CHECKPOINT
-from captioner.webapp import EXAMPLES_DIR, build_app, gallery_text
+from captioner.webapp import build_app, example_photos, gallery_text
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -87,12 +87,13 @@ def main() -> None:
     load_start = os.getloadavg()
 
     captioner = Captioner.from_checkpoint(args.checkpoint)
-    photos = sorted(EXAMPLES_DIR.glob("*.jpg"))
+    photos = example_photos()
     decoding = dict(beam_size=args.beam_size, max_length=20, length_penalty=0.0, no_repeat_ngram_size=3)
-    expected = {p.name: gallery_text(captioner.caption(p, **decoding)) for p in photos}  # as the app shows it
+    alone = {p.name: captioner.caption(p, **decoding) for p in photos}
+    expected = {name: gallery_text(caption) for name, caption in alone.items()}  # as the app shows it
     apps = {"app": launch(build_app(captioner))}
     if args.compare_empty:
-        apps["empty"] = launch(empty_app(captioner, photos, expected))
+        apps["empty"] = launch(empty_app(captioner, photos, alone))
 
     def load(url: str) -> tuple[list, float, float]:
         job = (url, photos, expected, decoding, args.threads, args.requests)
@@ -111,20 +112,13 @@ def main() -> None:
         for app, _ in apps.values():
             app.close()
     rounds = [{name: summary(*timed[name][i], args.client_process) for name in order} for i in range(args.rounds)]
-    results = [ok_seconds for answers, _, _ in timed["app"] for ok_seconds in answers]
+    results, wall, cpu = pooled(timed["app"])
     latencies = sorted(seconds for _, seconds in results)
-    wall = sum(w for _, w, _ in timed["app"])
-    cpu = sum(c for _, _, c in timed["app"])
     checkpoint = Path(args.checkpoint or DEFAULT_CHECKPOINT)
     shown = os.path.relpath(checkpoint, REPO) if checkpoint.resolve().is_relative_to(REPO) else str(checkpoint)
-    empty = None
-    if args.compare_empty:
-        empty_answers = [ok for answers, _, _ in timed["empty"] for ok, _ in answers]
-        empty_wall = sum(w for _, w, _ in timed["empty"])
-        empty = {"correct": sum(empty_answers), "requests_per_s": len(empty_answers) / empty_wall,
-                 **cpu_use(sum(c for _, _, c in timed["empty"]), empty_wall, len(empty_answers), args.client_process)}
-        for one in rounds:
-            one["ratio"] = one["app"]["requests_per_s"] / one["empty"]["requests_per_s"]
+    empty = summary(*pooled(timed["empty"]), args.client_process) if args.compare_empty else None
+    for one in rounds if args.compare_empty else []:
+        one["ratio"] = one["app"]["requests_per_s"] / one["empty"]["requests_per_s"]
     result = {
         "command": " ".join(["python bench/app_load.py", *sys.argv[1:]]),
         "machine": {"processor": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
@@ -153,14 +147,19 @@ def launch(app) -> tuple:
     return app, f"http://127.0.0.1:{port}/"
 
 
-def empty_app(captioner, photos: list[Path], expected: dict):
+def pooled(runs: list[tuple[list, float, float]]) -> tuple[list, float, float]:
+    """Several timed loads (run_load's results) as one: all their answers, and their wall and CPU seconds."""
+    return [answer for answers, _, _ in runs for answer in answers], sum(r[1] for r in runs), sum(r[2] for r in runs)
+
+
+def empty_app(captioner, photos: list[Path], alone: dict):
     """The app's page, endpoint and queue, whose batch function answers at once without the model: Gradio's own
     ceiling. Its captioner is a stand-in that the patched batch function recognises; the real app keeps the real
     function (the page looks caption_requests up on every call)."""
     import captioner.webapp as webapp
 
     stand_in = SimpleNamespace(config=captioner.config)
-    answers = {p.name: ([(str(p), expected[p.name])], [webapp.caption_row(p.name, 1, captioner.caption(p))])
+    answers = {p.name: ([(str(p), gallery_text(alone[p.name]))], [webapp.table_row(p.name, 1, alone[p.name])])
                for p in photos}
     real = webapp.caption_requests
 

@@ -22,14 +22,19 @@ TABLE_TYPES = ["str", "number", "str", "number", "number", "bool", "bool", "str"
 TABLE_WIDTHS = ["13%", "5%", "26%", "10%", "10%", "7%", "7%", "15%", "7%"]
 
 
-def caption_row(name: str, rank: int, caption: Caption) -> list:
+def table_row(name: str, rank: int, caption: Caption) -> list:
     confidence = None if caption.confidence is None else round(caption.confidence, 3)
     return [name, rank, caption.text, round(caption.score, 3), confidence, caption.unsure, caption.from_tags,
             tags_text(caption.tags), ""]
 
 
-def error_row(name: str, error: str) -> list:
+def table_error_row(name: str, error: str) -> list:
     return [name, None, "", None, None, None, None, "", error]
+
+
+def example_photos() -> list[Path]:
+    """The example photos that ship with the package (the page's examples, the warm-up's photos)."""
+    return sorted(EXAMPLES_DIR.glob("*.jpg"))
 
 
 def gallery_text(caption: Caption) -> str:
@@ -67,7 +72,7 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
     groups: dict[tuple, list[tuple[int, list[str]]]] = {}
     for request, request_files in enumerate(files):
         if not request_files:
-            tables[request] = [error_row("", "Upload at least one image.")]
+            tables[request] = [table_error_row("", "Upload at least one image.")]
             continue
         if isinstance(request_files, (str, Path)):
             request_files = [request_files]
@@ -87,10 +92,10 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
                 captions, error = results[index]
                 name = Path(path).name
                 if error is not None:
-                    tables[request].append(error_row(name, error.replace(path, name)))
+                    tables[request].append(table_error_row(name, error.replace(path, name)))
                     continue
                 galleries[request].append((path, gallery_text(captions[0])))
-                tables[request] += [caption_row(name, rank, c) for rank, c in enumerate(captions, start=1)]
+                tables[request] += [table_row(name, rank, c) for rank, c in enumerate(captions, start=1)]
             offset += len(request_paths)
     if len(files) == 1 and not galleries[0]:
         gr.Warning("None of the uploaded files could be read as an image; see the table.")
@@ -104,8 +109,7 @@ def warm_up(captioner: Captioner) -> None:
     import matplotlib
 
     matplotlib.get_backend()
-    examples = sorted(EXAMPLES_DIR.glob("*.jpg"))
-    for _, _, error in captioner.caption_files(examples, num_workers=0):
+    for _, _, error in captioner.caption_files(example_photos(), num_workers=0):
         if error is not None:  # a damaged install: say so, and serve anyway
             print(f"app: warning: could not caption an example photo: {error}", file=sys.stderr)
 
@@ -135,7 +139,7 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                 gallery = gr.Gallery(label="Captions", columns=3, height="auto")
                 table = gr.Dataframe(headers=TABLE_HEADERS, datatype=TABLE_TYPES, column_widths=TABLE_WIDTHS,
                                      label="All captions with scores", wrap=True)
-        examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*.jpg"))
+        examples = [str(p) for p in example_photos()]
         if examples:
             gr.Examples([[[p]] for p in examples], inputs=[files], label="Example photos")
         # Concurrent users' requests wait while a batch runs, then go together (up to MAX_BATCH requests):
