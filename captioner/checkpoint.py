@@ -45,7 +45,20 @@ def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder
         payload["fallback"] = dict(fallback)
     if training is not None:
         payload["training"] = training
-    atomic_save(payload, path)
+    # A GPU run's optimizer state lives on the GPU; saved there, the file would not load on a CPU-only machine
+    # without map_location. Resuming moves the state back to the parameters' device (Optimizer.load_state_dict).
+    atomic_save(on_cpu(payload), path)
+
+
+def on_cpu(value):
+    """`value` with every tensor in its dicts, lists and tuples moved to the CPU."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {key: on_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(on_cpu(item) for item in value)
+    return value
 
 
 def read_checkpoint(path: str | Path) -> dict:
