@@ -80,10 +80,17 @@ def test_feature_cache_numbers_do_not_depend_on_the_cnn_batch(tiny_flickr8k):
     assert torch.allclose(small.float(), large.float(), rtol=1e-3, atol=1e-3)  # fp16: equal up to rounding
 
 
-def test_worker_processes_only_where_the_cnn_leaves_cpu_time(trained, monkeypatch):
+def test_worker_processes_where_the_cnn_leaves_cpu_time_and_one_per_spare_core_on_a_gpu(trained, monkeypatch):
     captioner = Captioner.from_checkpoint(trained[1] / "best.pt")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
     assert captioner.default_workers() == 0  # torch's threads fill the CPU: decode in process
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert captioner.default_workers() == 1
+    # On a GPU the decoding sets the pace: a process per spare core, up to 8.
+    monkeypatch.setattr(captioner, "device", torch.device("cuda"))
+    assert captioner.default_workers() == 3
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    assert captioner.default_workers() == 8
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     assert captioner.default_workers() == 1
