@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
 from .features import FeatureTable
 from .inference import resolve_device
 
@@ -41,6 +42,9 @@ def setup(device_setting: str) -> tuple[Ranks, torch.device]:
         return SINGLE, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"torchrun started process {local_rank} on this machine, which has "
+                              f"{torch.cuda.device_count()} CUDA GPU(s): --nproc_per_node at most that")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():

@@ -18,7 +18,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, load_domain, load_fallback
 from .concepts import Tag, default_concept_words
 from .confidence import DomainProfile
-from .config import Config, DecodeConfig
+from .config import Config, ConfigError, DecodeConfig
 from .decoder import CaptionDecoder
 from .encoder import Encoder, encoder_from_config
 from .fallback import OnceOnlyWords, TagDecoder, WordBorrowing
@@ -51,11 +51,22 @@ class Caption:
 
 
 def resolve_device(device: str) -> torch.device:
+    """auto (the GPU when torch sees one), cpu, cuda or cuda:N; a ConfigError that names the problem otherwise."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available here")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested, but torch {torch.__version__} sees no CUDA GPU here: "
+                              f"use cpu (or auto)")
+        count = torch.cuda.device_count()
+        if resolved.index is not None and resolved.index >= count:
+            raise ConfigError(f"device {device!r} requested, but this machine has {count} CUDA GPU(s): "
+                              f"cuda:0 to cuda:{count - 1}")
+    return resolved
 
 
 def decode_features(decoder, vocab: Vocabulary, features: torch.Tensor, options: DecodeConfig,

@@ -138,6 +138,31 @@ def test_nothing_to_caption_is_one_clear_error(trained, tmp_path, capsys, make, 
     assert message in err and "Traceback" not in err
 
 
+BAD_DEVICES = [("gpu", "unknown device 'gpu': use auto, cpu, cuda or cuda:N")] + (
+    [("cuda:99", "this machine has")] if torch.cuda.is_available() else [("cuda", "sees no CUDA GPU here")])
+
+
+@pytest.mark.parametrize("device, message", BAD_DEVICES)
+def test_a_device_that_is_not_there_is_one_clear_error_everywhere(trained, tiny_flickr8k, tmp_path, capsys,
+                                                                 device, message):
+    import app
+
+    config_path, _ = trained
+    photo = str(tiny_flickr8k / "images" / "red_circle_2.jpg")
+    checkpoint = str(trained[1] / "best.pt")
+    runs = [["caption", photo, "--checkpoint", checkpoint, "--device", device],
+            ["evaluate", "--checkpoint", checkpoint, "--device", device],
+            ["train", "--config", str(config_path), "--set", f"train.device={device}",
+             "--set", f"train.out_dir={tmp_path / 'run'}", "--no-progress"]]
+    for argv in runs:
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, argv
+    assert not (tmp_path / "run").exists()  # refused before any work
+    assert app.main(["--checkpoint", checkpoint, "--device", device]) == 1
+    assert message in capsys.readouterr().err
+
+
 def test_app_function_survives_every_awkward_file(trained, zoo):
     folder, expected = zoo
     captioner = Captioner.from_checkpoint(trained[1] / "best.pt")

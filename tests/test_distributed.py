@@ -79,3 +79,17 @@ def test_training_log_and_dev_scores_match_and_only_rank_zero_writes(runs):
     assert "2 processes" in log and "resuming" in log
     assert sorted(p.name for p in ddp_dir.iterdir() if not p.name.startswith(".")) == \
         ["best.pt", "config.yaml", "curves.png", "last.pt", "metrics.jsonl"]
+
+
+def test_more_processes_than_gpus_is_refused_with_a_reason(monkeypatch):
+    """torchrun --nproc_per_node 2 on a one-GPU machine: the second process says why, not CUDA's 'invalid device'."""
+    from captioner.config import ConfigError
+    from captioner.distributed import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ConfigError, match="started process 1 on this machine, which has 1 CUDA GPU"):
+        setup("cuda")
