@@ -98,7 +98,11 @@ class RowWriter:
             self.handle = sys.stdout
             return
         temporary = Path(out).with_name(f".{Path(out).name}.tmp")
-        self.handle = open(temporary, "w", encoding="utf-8", newline="")
+        try:
+            temporary.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(temporary, "w", encoding="utf-8", newline="")
+        except OSError as error:
+            raise OSError(error.errno, f"cannot write {out}: {error.strerror or error}") from None
         if self.kind == "csv":
             self.csv = csv.DictWriter(self.handle, fieldnames=FIELDS)
             self.csv.writeheader()

@@ -14,6 +14,7 @@ It loads with `torch.load(path, weights_only=True)`: no pickled classes, nothing
 from __future__ import annotations
 
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -66,6 +67,8 @@ def read_checkpoint(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip; weights_only would call a text file "unsafe code"
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated, or not a file torch.save wrote)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:

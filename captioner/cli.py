@@ -186,6 +186,8 @@ def run(args) -> int:
 
         if args.batch_size < 1:
             raise ConfigError("--batch-size must be >= 1")
+        if args.workers is not None and args.workers < 0:
+            raise ConfigError("--workers must be >= 0")
         if args.engine == "ray":
             from .ray_engine import caption_with_ray
 

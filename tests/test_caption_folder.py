@@ -122,3 +122,13 @@ def test_a_photo_captioned_alone_gets_the_row_the_folder_command_writes_for_it(t
         assert row["tags"] == [[w, pytest.approx(p, abs=1e-4)] for w, p in alone.tags]
         if alone.confidence is not None:
             assert row["confidence"] == pytest.approx(alone.confidence, abs=1e-3) and row["unsure"] == alone.unsure
+
+
+def test_out_in_a_new_folder_is_made_and_bad_workers_are_refused(trained, tiny_flickr8k, tmp_path, capsys):
+    checkpoint = str(trained[1] / "best.pt")
+    photo = str(tiny_flickr8k / "images" / "red_circle_2.jpg")
+    out = tmp_path / "new" / "deeper" / "captions.jsonl"
+    assert main(["caption", photo, "--checkpoint", checkpoint, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["caption"]
+    assert main(["caption", photo, "--checkpoint", checkpoint, "--workers", "-1"]) == 1
+    assert "--workers must be >= 0" in capsys.readouterr().err

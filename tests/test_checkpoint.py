@@ -57,6 +57,10 @@ def test_random_file_truncated_file_and_missing_file(tmp_path, checkpoint):
         load_checkpoint(cut)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "absent.pt")
+    notes = tmp_path / "README.md"  # a text file is no checkpoint, not "Python objects that could run code"
+    notes.write_text("# notes\n")
+    with pytest.raises(CheckpointError, match="README.md: not a readable checkpoint"):
+        load_checkpoint(notes)
 
 
 class Exploit:
