@@ -21,6 +21,16 @@ SHAPES = ("circle", "square")
 torch.set_num_threads(2)
 
 
+def load_app_py():
+    """The repo's app.py as a module, as `python app.py` runs it (it is a script beside the package, not in it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app_py", REPO / "app.py")
+    app_py = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app_py)
+    return app_py
+
+
 def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 import pytest
 
 from captioner import Captioner
 from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, build_app, caption_uploads, warm_up
-from conftest import free_port
+from conftest import free_port, load_app_py
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -125,14 +124,10 @@ def test_oversize_upload_gets_a_clear_error(server, tmp_path):
 
 def test_app_py_refuses_uploads_over_20_mb_and_takes_smaller_ones(trained, tiny_flickr8k, tmp_path, monkeypatch):
     # app.py as a user runs it (its own launch call and upload cap), kept from blocking so the test can talk to it.
-    import importlib.util
-
     import gradio as gr
     from gradio_client import Client, handle_file
 
-    spec = importlib.util.spec_from_file_location("app_py", Path(__file__).resolve().parents[1] / "app.py")
-    app_py = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(app_py)
+    app_py = load_app_py()
     launched, launch = [], gr.Blocks.launch
 
     def launch_in_the_background(self, *args, **kwargs):
@@ -173,3 +168,23 @@ def test_a_warmed_up_server_has_made_what_a_first_request_would_wait_for():
     warm_up(shipped)
     assert shipped.encoder._session is not None
     assert shipped.searched._session is not None and shipped.searched_fallback.decoder._session is not None
+
+
+def test_app_py_says_at_once_when_it_cannot_serve(trained, capsys):
+    """A second `python app.py`, a port out of range, an address this machine does not have: one line each,
+    before any model is loaded, instead of Gradio's traceback after the warm-up."""
+    import socket
+
+    app_py = load_app_py()
+    checkpoint = str(trained[1] / "best.pt")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert app_py.main(["--checkpoint", checkpoint, "--port", str(port)]) == 1
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+    assert app_py.main(["--checkpoint", checkpoint, "--host", "192.0.2.1"]) == 1  # TEST-NET-1: nobody's address
+    assert "cannot serve on 192.0.2.1:7860" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        app_py.main(["--port", "99999"])
+    assert "99999 is not a port" in capsys.readouterr().err

@@ -20,6 +20,8 @@ from captioner.cli import main
 from captioner.transform import ImageLoadError, load_image
 from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, caption_uploads
 
+from conftest import load_app_py
+
 
 def png_claiming_size(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims width x height pixels: a decompression bomb for Pillow."""
@@ -145,8 +147,7 @@ BAD_DEVICES = [("gpu", "unknown device 'gpu': use auto, cpu, cuda or cuda:N")] +
 @pytest.mark.parametrize("device, message", BAD_DEVICES)
 def test_a_device_that_is_not_there_is_one_clear_error_everywhere(trained, tiny_flickr8k, tmp_path, capsys,
                                                                  device, message):
-    import app
-
+    app = load_app_py()
     config_path, _ = trained
     photo = str(tiny_flickr8k / "images" / "red_circle_2.jpg")
     checkpoint = str(trained[1] / "best.pt")
