@@ -22,21 +22,23 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .inference import Caption, Captioner
+from .transform import AVIF_BRANDS, HEIF_BRANDS, media_brand
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
+                  ".avif"}
 EXIT_SOME_FAILED = 3
 FIELDS = ["path", "caption", "score", "confidence", "unsure", "from_tags", "tags", "error"]
 
 
 def looks_like_image(path: Path) -> bool:
-    """Sniff the first bytes: JPEG, PNG, GIF, BMP, TIFF or WebP, whatever the file is called."""
+    """Sniff the first bytes: JPEG, PNG, GIF, BMP, TIFF, WebP, HEIC/HEIF or AVIF, whatever the file is called."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(12)
     except OSError:
         return False
     return (head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*"))
-            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP"))
+            or (head[:4] == b"RIFF" and head[8:12] == b"WEBP") or media_brand(head) in HEIF_BRANDS | AVIF_BRANDS)
 
 
 def collect_images(inputs: list[str]) -> tuple[list[str], list[tuple[str, str]], int]:

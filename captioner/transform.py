@@ -22,6 +22,49 @@ class ImageLoadError(ValueError):
 
 ImageSource = str | Path | bytes | Image.Image
 
+# ISO media files ("ftyp" box) holding a still image: HEIC/HEIF (phones' photos; Pillow reads them through the
+# pillow-heif plugin, when installed) and AVIF (Pillow reads it itself).
+HEIF_BRANDS = {b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1"}
+AVIF_BRANDS = {b"avif", b"avis"}
+_heif_opener: bool | None = None  # registered with Pillow (True), not installed (False), not tried yet (None)
+
+
+def media_brand(head: bytes) -> bytes | None:
+    """The brand of an ISO media file from its first 12 bytes (b"heic", b"avif", ...), or None."""
+    return head[8:12] if len(head) >= 12 and head[4:8] == b"ftyp" else None
+
+
+def heif_opener() -> bool:
+    """Teach Pillow HEIC/HEIF with pillow-heif (`pip install pillow-heif`), once per process; False without it."""
+    global _heif_opener
+    if _heif_opener is None:
+        try:
+            from pillow_heif import register_heif_opener
+        except ImportError:
+            _heif_opener = False
+        else:
+            register_heif_opener()
+            _heif_opener = True
+    return _heif_opener
+
+
+def _open(source: str | Path | bytes) -> Image.Image:
+    try:
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except UnidentifiedImageError:
+        # Pillow knows no HEIC until pillow-heif registers it: only then is it imported (on the first such file).
+        if isinstance(source, bytes):
+            head = source[:12]
+        else:
+            with open(source, "rb") as handle:
+                head = handle.read(12)
+        if media_brand(head) not in HEIF_BRANDS:
+            raise
+        if not heif_opener():
+            raise ImageLoadError("a HEIC/HEIF photo (the iPhone's format): pip install pillow-heif to read it, "
+                                 "or convert it to JPEG") from None
+        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
 
 def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
     """Open any image Pillow reads as an upright RGB picture, or raise ImageLoadError."""
@@ -29,11 +72,13 @@ def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Imag
         return to_rgb(ImageOps.exif_transpose(source))
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        with _open(source) as image:
             if draft_size and image.format == "JPEG":
                 image.draft("RGB", (draft_size, draft_size))  # decode big JPEGs at a reduced scale: much faster
             image.load()  # decode now, so truncated data fails here and not later
             return to_rgb(ImageOps.exif_transpose(image))
+    except ImageLoadError as error:
+        raise ImageLoadError(f"{name}: {error}") from None
     except FileNotFoundError:
         raise ImageLoadError(f"{name}: file not found") from None
     except IsADirectoryError:

@@ -12,10 +12,13 @@ import gradio as gr
 
 from .caption import tags_text
 from .inference import Caption, Captioner
+from .transform import load_image
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 MAX_FILE_SIZE = "20mb"
 MAX_BATCH = 16  # concurrent requests captioned together
+BROWSER_FORMATS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".avif"}
+GALLERY_SIZE = 512
 # The table's columns: those of `captioner caption`'s rows (caption.py FIELDS), with the file's name and the rank.
 TABLE_HEADERS = ["file", "rank", "caption", "score", "confidence", "unsure", "from tags", "the photo shows", "error"]
 TABLE_TYPES = ["str", "number", "str", "number", "number", "bool", "bool", "str", "str"]
@@ -35,6 +38,16 @@ def table_error_row(name: str, error: str) -> list:
 def example_photos() -> list[Path]:
     """The example photos that ship with the package (the page's examples, the warm-up's photos)."""
     return sorted(EXAMPLES_DIR.glob("*.jpg"))
+
+
+def browser_view(path: str):
+    """What the gallery shows: the file itself where browsers display its format, else a JPEG-sized copy (a
+    phone's HEIC or a TIFF would show as a broken image)."""
+    if Path(path).suffix.lower() in BROWSER_FORMATS:
+        return path
+    preview = load_image(path, draft_size=GALLERY_SIZE)
+    preview.thumbnail((GALLERY_SIZE, GALLERY_SIZE))
+    return preview
 
 
 def gallery_text(caption: Caption) -> str:
@@ -94,7 +107,7 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
                 if error is not None:
                     tables[request].append(table_error_row(name, error.replace(path, name)))
                     continue
-                galleries[request].append((path, gallery_text(captions[0])))
+                galleries[request].append((browser_view(path), gallery_text(captions[0])))
                 tables[request] += [table_row(name, rank, c) for rank, c in enumerate(captions, start=1)]
             offset += len(request_paths)
     if len(files) == 1 and not galleries[0]:

@@ -216,3 +216,38 @@ def test_checkpoint_for_another_encoder_is_refused_with_a_reason(trained, tmp_pa
     assert "captions may be poor" in capsys.readouterr().err
     assert main(["evaluate", "--checkpoint", str(tmp_path / "other_weights.pt"), "--no-progress"]) == 1
     assert "fingerprint" in capsys.readouterr().err
+
+
+def test_phone_photos_avif_and_heic_are_found_in_folders_and_captioned(trained, tiny_flickr8k, tmp_path, monkeypatch):
+    import captioner.transform as transform
+
+    photo = Image.open(tiny_flickr8k / "images" / "red_square_2.jpg")
+    folder = tmp_path / "phone"
+    folder.mkdir()
+    photo.save(folder / "IMG_0001.avif", quality=95)
+    photo.save(folder / "IMG_0002", format="AVIF", quality=95)  # no suffix: found by its content
+    (folder / "IMG_0003.HEIC").write_bytes(b"\0\0\0\x18ftypheic" + bytes(200))  # a HEIC header, no photo behind it
+    (folder / "notes.txt").write_text("not a photo")
+    monkeypatch.setattr(transform, "_heif_opener", False)  # as without pillow-heif
+    out = tmp_path / "captions.jsonl"
+    assert main(["caption", str(folder), "--checkpoint", str(trained[1] / "best.pt"), "--out", str(out),
+                 "--no-progress"]) == 3
+    rows = {Path(r["path"]).name: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"IMG_0001.avif", "IMG_0002", "IMG_0003.HEIC"}
+    assert rows["IMG_0001.avif"]["caption"] and rows["IMG_0002"]["caption"]
+    assert "HEIC/HEIF photo" in rows["IMG_0003.HEIC"]["error"] and "pip install pillow-heif" in rows["IMG_0003.HEIC"]["error"]
+
+
+def test_heic_photos_are_captioned_with_pillow_heif_and_shown_in_the_app(trained, tiny_flickr8k, tmp_path):
+    pillow_heif = pytest.importorskip("pillow_heif", reason="pip install pillow-heif (in the test extra)")
+    photo = Image.open(tiny_flickr8k / "images" / "red_square_2.jpg")
+    pillow_heif.from_pillow(photo).save(tmp_path / "IMG_0004.HEIC", quality=95)
+    photo.save(tmp_path / "scan.tiff")
+    captioner = Captioner.from_checkpoint(trained[1] / "best.pt")
+    paths = [str(tmp_path / "IMG_0004.HEIC"), str(tmp_path / "scan.tiff"), str(tiny_flickr8k / "images" / "red_square_2.jpg")]
+    captions = captioner.caption(paths)
+    assert "red" in captions[0].text and "square" in captions[0].text, captions[0].text
+    gallery, table = caption_uploads(captioner, paths)
+    assert not any(row[TABLE_HEADERS.index("error")] for row in table)
+    # Browsers show neither HEIC nor TIFF: the gallery gets a picture of them; a JPEG goes as it is.
+    assert [type(shown).__name__ for shown, _ in gallery] == ["Image", "Image", "str"]
