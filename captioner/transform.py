@@ -8,12 +8,13 @@ with the encoder's statistics.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 
 class ImageLoadError(ValueError):
@@ -48,22 +49,33 @@ def heif_opener() -> bool:
     return _heif_opener
 
 
-def _open(source: str | Path | bytes) -> Image.Image:
-    try:
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-    except UnidentifiedImageError:
-        # Pillow knows no HEIC until pillow-heif registers it: only then is it imported (on the first such file).
-        if isinstance(source, bytes):
-            head = source[:12]
-        else:
-            with open(source, "rb") as handle:
-                head = handle.read(12)
-        if media_brand(head) not in HEIF_BRANDS:
-            raise
-        if not heif_opener():
-            raise ImageLoadError("a HEIC/HEIF photo (the iPhone's format): pip install pillow-heif to read it, "
-                                 "or convert it to JPEG") from None
-        return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+def _head(source: str | Path | bytes) -> bytes:
+    if isinstance(source, bytes):
+        return source[:12]
+    with open(source, "rb") as handle:
+        return handle.read(12)
+
+
+def _open(source: str | Path | bytes, draft_size: int | None) -> Image.Image:
+    """The image, not decoded yet; a JPEG already set to decode at a reduced scale when draft_size is given."""
+    head = _head(source)
+    if draft_size and head.startswith(b"\xff\xd8\xff"):
+        # A JPEG decoded at up to 1/8 scale costs what its draft does, so its size is checked after the draft:
+        # Pillow's decompression-bomb check in Image.open (a warning past 89 megapixels, an error past 179) would
+        # refuse a 200-megapixel phone photo and call a 108-megapixel one a "DOS attack".
+        try:
+            image = JpegImagePlugin.JpegImageFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+        except (SyntaxError, IndexError, TypeError, struct.error):  # damaged: Image.open gives Pillow's verdict
+            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+        image.draft("RGB", (draft_size, draft_size))  # decode big JPEGs at a reduced scale: much faster
+        if image.width * image.height > 2 * Image.MAX_IMAGE_PIXELS:
+            image.close()
+            raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels even at 1/8 scale")
+        return image
+    if media_brand(head) in HEIF_BRANDS and not heif_opener():  # Pillow reads HEIC only through pillow-heif
+        raise ImageLoadError("a HEIC/HEIF photo (the iPhone's format): pip install pillow-heif to read it, "
+                             "or convert it to JPEG")
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
 def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
@@ -72,9 +84,7 @@ def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Imag
         return to_rgb(ImageOps.exif_transpose(source))
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        with _open(source) as image:
-            if draft_size and image.format == "JPEG":
-                image.draft("RGB", (draft_size, draft_size))  # decode big JPEGs at a reduced scale: much faster
+        with _open(source, draft_size) as image:
             image.load()  # decode now, so truncated data fails here and not later
             return to_rgb(ImageOps.exif_transpose(image))
     except ImageLoadError as error:

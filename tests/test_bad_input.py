@@ -1,6 +1,7 @@
 """Whatever is on a user's disk: each file is captioned correctly or reported with a reason, and the rest go on."""
 from __future__ import annotations
 
+import builtins
 import io
 import json
 import os
@@ -115,14 +116,14 @@ def test_unreadable_file_is_reported(trained, tiny_flickr8k, tmp_path, monkeypat
     folder.mkdir()
     for name in ("a.jpg", "secret.jpg"):
         (folder / name).write_bytes((tiny_flickr8k / "images" / "red_circle_2.jpg").read_bytes())
-    real_open = Image.open
+    real_open = builtins.open
 
-    def open_denied(fp, *args, **kwargs):  # root ignores chmod, so deny the way the OS would
-        if str(fp).endswith("secret.jpg"):
-            raise PermissionError(13, "Permission denied", str(fp))
-        return real_open(fp, *args, **kwargs)
+    def open_denied(file, *args, **kwargs):  # root ignores chmod, so deny the way the OS would
+        if str(file).endswith("secret.jpg"):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real_open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Image, "open", open_denied)
+    monkeypatch.setattr(builtins, "open", open_denied)
     assert main(["caption", str(folder), "--checkpoint", str(trained[1] / "best.pt"), "--workers", "0",
                  "--no-progress"]) == 3
     captured = capsys.readouterr()

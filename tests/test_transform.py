@@ -102,3 +102,18 @@ def test_truncated_jpeg_and_missing_file(tmp_path):
         load_image(cut)
     with pytest.raises(ImageLoadError, match="file not found"):
         load_image(tmp_path / "nope.jpg")
+
+
+def test_a_phone_camera_200_megapixel_jpeg_is_read_at_a_reduced_scale_without_bomb_warnings(tmp_path, recwarn):
+    """Pillow's decompression-bomb check refuses past 179 megapixels and warns of a "DOS attack" past 89; a JPEG is
+    decoded at up to 1/8 scale here, so 200- and 108-megapixel photos (Samsung's, Xiaomi's) are read, silently.
+    A PNG of that size is still refused: it would be decoded whole."""
+    for width, height in ((16384, 12288), (12000, 9000)):
+        path = save(Image.new("L", (width, height), 90), tmp_path / f"{width}.jpg", quality=50)
+        assert transform.load(path).shape == (3, 64, 64)
+        assert transform.load(path.read_bytes()).shape == (3, 64, 64)
+    assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)]
+    wide = tmp_path / "wide.png"
+    Image.new("1", (16384, 12288)).save(wide)
+    with pytest.raises(ImageLoadError, match="wide.png: refused, too many pixels"):
+        transform.load(wide)
