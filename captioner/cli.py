@@ -54,6 +54,13 @@ def _hallucination_text(result: dict) -> str:
             + _scores_text(result["without_person_dog"]))
 
 
+def _port(text: str) -> int:
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: 1 to 65535")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="captioner", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +157,14 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--out", help="also write the int8 graph here (it is always kept where --precision "
                            "int8 finds it)")
     calibrate.add_argument("--no-progress", action="store_true")
+
+    app = commands.add_parser("app", help="serve the web app (what `python app.py` does), offline on the CPU by "
+                              "default, at http://127.0.0.1:7860")
+    app.add_argument("--checkpoint", help="default: the model shipped with captioner")
+    app.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
+    app.add_argument("--port", type=_port, default=7860)
+    app.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
+    app.add_argument("--device", default="cpu")
 
     download = commands.add_parser("download", help="fetch a dataset (needs internet)")
     download.add_argument("dataset", choices=["flickr8k"])
@@ -267,6 +282,10 @@ def run(args) -> int:
         print(f"int8 encoder calibrated on {min(args.images, len(photos))} training photos of {args.data_root}: "
               f"{args.out or written}; use it with --precision int8")
         return 0
+    if args.command == "app":
+        from .webapp import serve
+
+        return serve(args.checkpoint, args.host, args.port, args.share, args.device)
     if args.command == "download":
         from .download import DEFAULT_BASE_URL, download_flickr8k
 

@@ -5,12 +5,15 @@
 """
 from __future__ import annotations
 
+import errno
+import socket
 import sys
 from pathlib import Path
 
 import gradio as gr
 
 from .caption import tags_text
+from .config import ConfigError
 from .inference import Caption, Captioner
 from .transform import load_image
 
@@ -162,3 +165,28 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                      [gallery, table], api_name="caption", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
     app.queue(max_size=64)
     return app
+
+
+def cannot_serve_on(host: str, port: int) -> str | None:
+    """Why the app could not listen on host:port (in use, or an address this machine does not have), or None."""
+    try:
+        with socket.socket() as probe:
+            probe.bind((host, port))
+    except OSError as error:
+        if error.errno == errno.EADDRINUSE:
+            return f"port {port} on {host} is in use (another app running?): use --port N"
+        return f"cannot serve on {host}:{port}: {error.strerror or error} (check --host)"
+    return None
+
+
+def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
+          device: str = "cpu") -> int:
+    """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped."""
+    problem = cannot_serve_on(host, port)  # before the model loads: say it at once
+    if problem:
+        raise ConfigError(problem)
+    captioner = Captioner.from_checkpoint(checkpoint, device=device)
+    warm_up(captioner)
+    build_app(captioner).launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
+                                show_error=True)
+    return 0

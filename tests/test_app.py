@@ -6,7 +6,9 @@ import shutil
 
 import pytest
 
+import captioner.webapp as webapp
 from captioner import Captioner
+from captioner.cli import main
 from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, build_app, caption_uploads, warm_up
 from conftest import free_port, load_app_py
 
@@ -136,7 +138,7 @@ def test_app_py_refuses_uploads_over_20_mb_and_takes_smaller_ones(trained, tiny_
 
     monkeypatch.setattr(gr.Blocks, "launch", launch_in_the_background)
     warmed = []
-    monkeypatch.setattr(app_py, "warm_up", lambda captioner: warmed.append(len(launched)) or warm_up(captioner))
+    monkeypatch.setattr(webapp, "warm_up", lambda captioner: warmed.append(len(launched)) or warm_up(captioner))
     port = free_port()
     assert app_py.main(["--checkpoint", str(trained[1] / "best.pt"), "--port", str(port)]) == 0
     assert warmed == [0]  # before it serves
@@ -188,3 +190,10 @@ def test_app_py_says_at_once_when_it_cannot_serve(trained, capsys):
     with pytest.raises(SystemExit):
         app_py.main(["--port", "99999"])
     assert "99999 is not a port" in capsys.readouterr().err
+    # `captioner app`, for installs without the repo's app.py, is the same command.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["app", "--checkpoint", checkpoint, "--port", str(port)]) == 1
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
