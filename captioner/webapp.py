@@ -18,7 +18,7 @@ from .inference import Caption, Captioner
 from .transform import load_image
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-MAX_FILE_SIZE = "20mb"
+MAX_FILE_SIZE = "50mb"  # a 200-megapixel phone JPEG is 30-50 MB, and is read at a reduced scale
 MAX_BATCH = 16  # concurrent requests captioned together
 BROWSER_FORMATS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".avif"}
 GALLERY_SIZE = 512

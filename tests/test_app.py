@@ -124,7 +124,7 @@ def test_oversize_upload_gets_a_clear_error(server, tmp_path):
         Client(server, verbose=False).predict([handle_file(str(big))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
 
 
-def test_app_py_refuses_uploads_over_20_mb_and_takes_smaller_ones(trained, tiny_flickr8k, tmp_path, monkeypatch):
+def test_app_py_refuses_uploads_over_50_mb_and_takes_smaller_ones(trained, tiny_flickr8k, tmp_path, monkeypatch):
     # app.py as a user runs it (its own launch call and upload cap), kept from blocking so the test can talk to it.
     import gradio as gr
     from gradio_client import Client, handle_file
@@ -146,15 +146,15 @@ def test_app_py_refuses_uploads_over_20_mb_and_takes_smaller_ones(trained, tiny_
         photo = (tiny_flickr8k / "images" / "red_square_2.jpg").read_bytes()
         mib = 1024 * 1024  # Gradio's "mb" (gradio.FileSize.MB)
         # A JPEG with padding after its end marker: Pillow reads the photo and ignores the rest.
-        (tmp_path / "19mb.jpg").write_bytes(photo + b"\0" * (19 * mib))
-        (tmp_path / "21mb.jpg").write_bytes(photo + b"\0" * (21 * mib))
+        (tmp_path / "49mb.jpg").write_bytes(photo + b"\0" * (49 * mib))
+        (tmp_path / "51mb.jpg").write_bytes(photo + b"\0" * (51 * mib))
         client = Client(f"http://127.0.0.1:{port}/", verbose=False)
-        gallery, _ = client.predict([handle_file(str(tmp_path / "19mb.jpg"))], "beam", 2, 12, 0.0, 2, 1,
+        gallery, _ = client.predict([handle_file(str(tmp_path / "49mb.jpg"))], "beam", 2, 12, 0.0, 2, 1,
                                     api_name="/caption")
         assert len(gallery) == 1 and "square" in gallery[0]["caption"]
         with pytest.raises(Exception, match="(?i)file size|too large|exceeds") as refused:
-            client.predict([handle_file(str(tmp_path / "21mb.jpg"))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
-        print(f"\n21 MB upload refused: {refused.value}")
+            client.predict([handle_file(str(tmp_path / "51mb.jpg"))], "beam", 2, 12, 0.0, 2, 1, api_name="/caption")
+        print(f"\n51 MB upload refused: {refused.value}")
     finally:
         for app in launched:
             app.close()
