@@ -24,7 +24,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="the PNG to write")
     args = parser.parse_args()
 
-    figure, (by_round, rates) = plt.subplots(1, 2, figsize=(11, 4))
+    figure, (by_round, rates) = plt.subplots(1, 2, figsize=(11, 5))
     ratios, empty_rates, start = [], [], 1
     for path in args.results:
         rounds = json.loads(Path(path).read_text())["per_round"]
@@ -44,13 +44,13 @@ def main() -> None:
     by_round.set_xlabel("round (the two apps alternating ABBA)")
     by_round.set_ylabel("app requests/s / empty app's")
     by_round.set_title(f"{len(ratios)} rounds under 8 clients")
-    by_round.legend(fontsize=7)
+    by_round.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     span = [min(empty_rates), max(empty_rates)]
     rates.plot(span, [TARGET * x for x in span], "k--", linewidth=1, label=f"app = {TARGET} x empty app")
     rates.set_xlabel("empty app, requests/s in the round")
     rates.set_ylabel("app, requests/s in the round")
     rates.set_title("each round's two rates (the machine's load moves both)")
-    rates.legend(fontsize=7)
+    rates.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)
     figure.tight_layout()
     figure.savefig(args.out, dpi=110)
     print(f"{len(ratios)} rounds, median {median:.3f}, mean {statistics.mean(ratios):.3f}: {args.out}")
