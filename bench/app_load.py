@@ -28,8 +28,8 @@ from gradio_client import Client, handle_file
 
 from captioner.files import write_results
 from captioner import Captioner
-from captioner.inference import DEFAULT_CHECKPOINT
-from captioner.webapp import build_app, example_photos, gallery_text
+from captioner.inference import DEFAULT_CHECKPOINT, example_photos
+from captioner.webapp import build_app, gallery_text
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -36,8 +36,7 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: nn.Module,
                     encoder_info: dict, provenance: dict, training: dict | None = None,
                     half: bool = False, domain: dict | None = None, fallback: dict | None = None) -> None:
-    weights = {k: (v.half() if half and v.is_floating_point() else v).detach().cpu()
-               for k, v in decoder.state_dict().items()}
+    weights = {k: v.half() if half and v.is_floating_point() else v for k, v in decoder.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "vocab": list(vocab.words),
                "decoder": weights, "encoder": dict(encoder_info), "provenance": dict(provenance)}
     if domain is not None:

@@ -29,6 +29,7 @@ from .text import Vocabulary
 from .transform import ImageSource
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "models" / "default.pt"
+EXAMPLES_DIR = Path(__file__).parent / "examples"
 
 # Batch sizes per stage (bench/speed.py measures them). On a CPU, EfficientNet-Lite0 with channels-last is
 # fastest a few images per call (on 2 cores, 1.5-2x faster at 2-4 images than at 16-32), while the
@@ -48,6 +49,11 @@ class Caption:
     confidence: float | None = None  # how familiar the photo is to the model, in [0, 1] (None: not known)
     unsure: bool = False  # confidence < decode.unsure_below: the photo is unlike the model's training photos
     from_tags: bool = False  # written by the fallback decoder from the tags (fallback.py), not from the photo
+
+
+def example_photos() -> list[Path]:
+    """The example photos that ship with the package (the app's examples and warm-up, the GPU test)."""
+    return sorted(EXAMPLES_DIR.glob("*.jpg"))
 
 
 def resolve_device(device: str) -> torch.device:

@@ -11,6 +11,7 @@ import io
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -49,33 +50,27 @@ def heif_opener() -> bool:
     return _heif_opener
 
 
-def _head(source: str | Path | bytes) -> bytes:
-    if isinstance(source, bytes):
-        return source[:12]
-    with open(source, "rb") as handle:
-        return handle.read(12)
-
-
-def _open(source: str | Path | bytes, draft_size: int | None) -> Image.Image:
-    """The image, not decoded yet; a JPEG already set to decode at a reduced scale when draft_size is given."""
-    head = _head(source)
+def _open(stream: BinaryIO, draft_size: int | None) -> Image.Image:
+    """The image in `stream`, not decoded yet; a JPEG already set to decode at a reduced scale with draft_size."""
+    head = stream.read(12)
+    stream.seek(0)
     if draft_size and head.startswith(b"\xff\xd8\xff"):
         # A JPEG decoded at up to 1/8 scale costs what its draft does, so its size is checked after the draft:
         # Pillow's decompression-bomb check in Image.open (a warning past 89 megapixels, an error past 179) would
         # refuse a 200-megapixel phone photo and call a 108-megapixel one a "DOS attack".
         try:
-            image = JpegImagePlugin.JpegImageFile(io.BytesIO(source) if isinstance(source, bytes) else source)
+            image = JpegImagePlugin.JpegImageFile(stream)
         except (SyntaxError, IndexError, TypeError, struct.error):  # damaged: Image.open gives Pillow's verdict
-            return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+            stream.seek(0)
+            return Image.open(stream)
         image.draft("RGB", (draft_size, draft_size))  # decode big JPEGs at a reduced scale: much faster
         if image.width * image.height > 2 * Image.MAX_IMAGE_PIXELS:
-            image.close()
             raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels even at 1/8 scale")
         return image
     if media_brand(head) in HEIF_BRANDS and not heif_opener():  # Pillow reads HEIC only through pillow-heif
         raise ImageLoadError("a HEIC/HEIF photo (the iPhone's format): pip install pillow-heif to read it, "
                              "or convert it to JPEG")
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    return Image.open(stream)
 
 
 def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Image:
@@ -84,9 +79,10 @@ def load_image(source: ImageSource, draft_size: int | None = None) -> Image.Imag
         return to_rgb(ImageOps.exif_transpose(source))
     name = "<bytes>" if isinstance(source, bytes) else str(source)
     try:
-        with _open(source, draft_size) as image:
-            image.load()  # decode now, so truncated data fails here and not later
-            return to_rgb(ImageOps.exif_transpose(image))
+        with io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb") as stream:
+            with _open(stream, draft_size) as image:
+                image.load()  # decode now, so truncated data fails here and not later
+                return to_rgb(ImageOps.exif_transpose(image))
     except ImageLoadError as error:
         raise ImageLoadError(f"{name}: {error}") from None
     except FileNotFoundError:

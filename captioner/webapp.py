@@ -14,11 +14,10 @@ import gradio as gr
 
 from .caption import tags_text
 from .config import ConfigError
-from .inference import Caption, Captioner
+from .inference import Caption, Captioner, example_photos
 from .transform import load_image
 
-EXAMPLES_DIR = Path(__file__).parent / "examples"
-MAX_FILE_SIZE = "50mb"  # a 200-megapixel phone JPEG is 30-50 MB, and is read at a reduced scale
+MAX_FILE_SIZE = "50mb"  # room for big phone JPEGs (up to 200 megapixels), which are read at a reduced scale
 MAX_BATCH = 16  # concurrent requests captioned together
 BROWSER_FORMATS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".avif"}
 GALLERY_SIZE = 512
@@ -36,11 +35,6 @@ def table_row(name: str, rank: int, caption: Caption) -> list:
 
 def table_error_row(name: str, error: str) -> list:
     return [name, None, "", None, None, None, None, "", error]
-
-
-def example_photos() -> list[Path]:
-    """The example photos that ship with the package (the page's examples, the warm-up's photos)."""
-    return sorted(EXAMPLES_DIR.glob("*.jpg"))
 
 
 def browser_view(path: str):

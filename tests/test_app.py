@@ -9,7 +9,8 @@ import pytest
 import captioner.webapp as webapp
 from captioner import Captioner
 from captioner.cli import main
-from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, build_app, caption_uploads, warm_up
+from captioner.inference import EXAMPLES_DIR
+from captioner.webapp import TABLE_HEADERS, build_app, caption_uploads, warm_up
 from conftest import free_port, load_app_py
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

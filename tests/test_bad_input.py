@@ -18,8 +18,9 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.inference import EXAMPLES_DIR
 from captioner.transform import ImageLoadError, load_image
-from captioner.webapp import EXAMPLES_DIR, TABLE_HEADERS, caption_uploads
+from captioner.webapp import TABLE_HEADERS, caption_uploads
 
 from conftest import load_app_py
 

@@ -14,17 +14,13 @@ import yaml
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.inference import DEFAULT_CHECKPOINT
+from captioner.inference import example_photos
 
 from conftest import tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 FIELDS = ("text", "unsure", "from_tags")
-
-
-def example_photos():  # webapp.example_photos, without importing Gradio
-    return sorted((DEFAULT_CHECKPOINT.parents[1] / "examples").glob("*.jpg"))
 
 
 def described(captions) -> list[tuple]:

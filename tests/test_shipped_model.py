@@ -10,8 +10,7 @@ import torch
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.inference import DEFAULT_CHECKPOINT
-from captioner.webapp import EXAMPLES_DIR
+from captioner.inference import DEFAULT_CHECKPOINT, EXAMPLES_DIR
 from conftest import REPO, SHARED_FLICKR8K, free_port
 
 SHARED_COCO_OOD = SHARED_FLICKR8K.parent / "coco-ood-dev"
