@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--float-convolutions", type=int, default=3, metavar="N",
                            help="the first N convolutions stay fp32 (the stem and first block are the most "
                                 "sensitive to rounding; bench/int8.py)")
+    calibrate.add_argument("--depthwise-weight-bits", type=int, choices=[7, 8], default=8,
+                           help="bits of the depthwise convolutions' weights (the others have 7, which x86 CPUs "
+                                "without VNNI need; the depthwise kernels take 8 on any CPU)")
     calibrate.add_argument("--out", help="also write the int8 graph here (it is always kept where --precision "
                            "int8 finds it)")
     calibrate.add_argument("--no-progress", action="store_true")
@@ -274,7 +277,8 @@ def run(args) -> int:
         config.encoder.runtime, config.encoder.precision = "onnx", "fp32"
         photos = [str(record.path) for record in load_dataset(config.data).split("train")]
         written = calibrate_int8(encoder_from_config(config.encoder), photos, count=args.images,
-                                 progress=not args.no_progress, float_convolutions=args.float_convolutions)
+                                 progress=not args.no_progress, float_convolutions=args.float_convolutions,
+                                 depthwise_weight_bits=args.depthwise_weight_bits)
         if args.out:
             import shutil
 

@@ -125,10 +125,13 @@ class ImageTransform:
         size = self.image_size
         if image.size != (size, size):
             image = image.resize((size, size), Image.Resampling.BILINEAR)
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255)
-        mean = torch.tensor(self.mean).view(3, 1, 1)
-        std = torch.tensor(self.std).view(3, 1, 1)
-        return (pixels - mean) / std
+        # numpy on this thread: torch's float32 arithmetic (bitwise the same), without waking torch's OpenMP threads
+        # for 150k numbers: decoding and transforming a photo alone took 4.4 ms of CPU instead of 7.9 (same wall).
+        pixels = np.asarray(image, dtype=np.float32)
+        pixels /= 255
+        pixels -= np.array(self.mean, dtype=np.float32)
+        pixels /= np.array(self.std, dtype=np.float32)
+        return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))
 
     def load(self, source: ImageSource) -> torch.Tensor:
         return self(load_image(source, draft_size=self.image_size))
