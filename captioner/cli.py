@@ -156,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "sensitive to rounding; bench/int8.py)")
     calibrate.add_argument("--depthwise-weight-bits", type=int, choices=[7, 8], default=8,
                            help="bits of the depthwise convolutions' weights (the others have 7, which x86 CPUs "
-                                "without VNNI need; the depthwise kernels take 8 on any CPU)")
+                                "without VNNI need; ONNX Runtime's depthwise kernels widen before multiplying, "
+                                "so 8 cannot saturate there)")
     calibrate.add_argument("--out", help="also write the int8 graph here (it is always kept where --precision "
                            "int8 finds it)")
     calibrate.add_argument("--no-progress", action="store_true")
