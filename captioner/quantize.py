@@ -122,7 +122,8 @@ def quantize_graph(fp32: Path | bytes, target: Path, paths: Sequence[str], trans
                                        **({"CalibStridedMinMax": 1} if method == "MinMax" else {})})
         batches.bar.close()
         result = onnx.load(str(quantized))
-        for key, value in (metadata or {}).items():
+        bits = {"weight_bits": weight_bits, "depthwise_weight_bits": depthwise_weight_bits}
+        for key, value in {**(metadata or {}), **bits}.items():
             entry = result.metadata_props.add()
             entry.key, entry.value = key, str(value)
         write_graph(target, result.SerializeToString())
@@ -147,7 +148,6 @@ def calibrate_int8(encoder, paths: Sequence[str], out: str | Path | None = None,
     target = Path(out) if out else graph_path(encoder, "int8")
     quantize_graph(encoder_graph(encoder, "fp32"), target, sample, encoder.transform, progress=progress,
                    metadata={"captioner_encoder": encoder.graph_key(), "calibration_images": len(sample),
-                             "calibration_method": method, "float_convolutions": float_convolutions,
-                             "depthwise_weight_bits": depthwise_weight_bits, "weight_bits": 7},
+                             "calibration_method": method, "float_convolutions": float_convolutions},
                    method=method, float_convolutions=float_convolutions, depthwise_weight_bits=depthwise_weight_bits)
     return target
