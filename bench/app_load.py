@@ -1,6 +1,6 @@
 """Load on the web app: N requests from T threads through gradio_client; median and p95 latency.
 
-    python bench/app_load.py [--checkpoint CKPT] [--requests 50] [--threads 8] [--beam-size 3] [--out bench/results]
+    python bench/app_load.py [--checkpoint CKPT] [--precision fp32|int8] [--requests 50] [--threads 8] [--beam-size 3] [--out bench/results]
                              [--client-process] [--compare-empty [--rounds R]] [--name NAME]
 
 Starts the app on a free localhost port with the given (default: shipped) model, sends each client one
@@ -67,6 +67,8 @@ def cpu_use(cpu: float, wall: float, requests: int, client_process: bool) -> dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint")
+    parser.add_argument("--precision", choices=["fp32", "int8"],
+                        help="the app's CNN (as `python app.py --precision`; int8 needs `captioner calibrate-int8`)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--beam-size", type=int, default=3)
@@ -86,7 +88,7 @@ def main() -> None:
         parser.error("--rounds must be at least 1")
     load_start = os.getloadavg()
 
-    captioner = Captioner.from_checkpoint(args.checkpoint)
+    captioner = Captioner.from_checkpoint(args.checkpoint, precision=args.precision)
     photos = example_photos()
     decoding = dict(beam_size=args.beam_size, max_length=20, length_penalty=0.0, no_repeat_ngram_size=3)
     alone = {p.name: captioner.caption(p, **decoding) for p in photos}
@@ -126,7 +128,8 @@ def main() -> None:
                     "torch_threads": torch.get_num_threads(), "load_average_start": load_start[0],
                     "load_average_end": os.getloadavg()[0]},
         "checkpoint": f"{shown} (sha256 {hashlib.sha256(checkpoint.read_bytes()).hexdigest()[:12]})",
-        "photos": [p.name for p in photos], "requests": args.requests, "threads": args.threads,
+        "precision": captioner.encoder.precision, "photos": [p.name for p in photos], "requests": args.requests,
+        "threads": args.threads,
         "beam_size": args.beam_size,
         "clients": "own process" if args.client_process else "threads of the server's process",
         "rounds": args.rounds, "correct": sum(ok for ok, _ in results),
@@ -184,7 +187,7 @@ def markdown(result: dict) -> str:
         f"# The web app under load: {result['requests']} requests from {result['threads']} threads, "
         f"beam {result['beam_size']}", "",
         f"`{result['command']}`: the app (`captioner.webapp.build_app`, queued as `python app.py` serves it) on a "
-        f"localhost port, model `{result['checkpoint']}`, requests through `gradio_client` (clients: "
+        f"localhost port, model `{result['checkpoint']}` (its CNN in {result.get('precision', 'fp32')}), requests through `gradio_client` (clients: "
         f"{result['clients']}) cycling over the example "
         f"photos ({', '.join(result['photos'])}), after one untimed warm-up request per client; each answer is "
         "checked against the caption of that photo computed alone.", "",

@@ -169,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=_port, default=7860)
     app.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
     app.add_argument("--device", default="cpu")
+    _runtime_arguments(app)
 
     download = commands.add_parser("download", help="fetch a dataset (needs internet)")
     download.add_argument("dataset", choices=["flickr8k"])
@@ -290,7 +291,7 @@ def run(args) -> int:
     if args.command == "app":
         from .webapp import serve
 
-        return serve(args.checkpoint, args.host, args.port, args.share, args.device)
+        return serve(args.checkpoint, args.host, args.port, args.share, args.device, args.runtime, args.precision)
     if args.command == "download":
         from .download import DEFAULT_BASE_URL, download_flickr8k
 

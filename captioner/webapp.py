@@ -174,12 +174,13 @@ def cannot_serve_on(host: str, port: int) -> str | None:
 
 
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device: str = "cpu") -> int:
-    """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped."""
+          device: str = "cpu", runtime: str | None = None, precision: str | None = None) -> int:
+    """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped. `runtime` and
+    `precision` choose how the CNN runs on a CPU (Captioner.from_checkpoint; --precision int8 on a slow CPU)."""
     problem = cannot_serve_on(host, port)  # before the model loads: say it at once
     if problem:
         raise ConfigError(problem)
-    captioner = Captioner.from_checkpoint(checkpoint, device=device)
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, runtime=runtime, precision=precision)
     warm_up(captioner)
     build_app(captioner).launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                                 show_error=True)

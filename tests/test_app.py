@@ -173,6 +173,16 @@ def test_a_warmed_up_server_has_made_what_a_first_request_would_wait_for():
     assert shipped.searched._session is not None and shipped.searched_fallback.decoder._session is not None
 
 
+def test_app_serves_the_int8_cnn_on_request_and_says_how_to_make_one(tmp_path, monkeypatch, capsys):
+    """`python app.py --precision int8` (a slow CPU's choice, as with `captioner caption`): without a calibrated
+    graph it stops before serving and names the command that makes one."""
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    assert load_app_py().main(["--precision", "int8", "--port", str(free_port())]) == 1
+    error = capsys.readouterr().err
+    assert "no int8 graph" in error and "captioner calibrate-int8 --data-root" in error
+
+
 def test_app_py_says_at_once_when_it_cannot_serve(trained, capsys):
     """A second `python app.py`, a port out of range, an address this machine does not have: one line each,
     before any model is loaded, instead of Gradio's traceback after the warm-up."""
