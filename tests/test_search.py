@@ -337,8 +337,8 @@ def test_repeat_blocking_removes_repeated_ngrams():
                          B: {A: 0.8, B: 0.15, EOS_ID: 0.05}})
     unblocked = greedy_search(model, torch.zeros(1, 4), max_length=6)[0].tokens
     assert unblocked == [A] * 6
-    for search in (lambda **k: greedy_search(**k)[0], lambda **k: beam_search(beam_size=3, **k)[0][0]):
-        tokens = search(model=model, features=torch.zeros(1, 4), max_length=8, no_repeat_ngram_size=2).tokens
+    for decode in (lambda **k: greedy_search(**k)[0], lambda **k: beam_search(beam_size=3, **k)[0][0]):
+        tokens = decode(model=model, features=torch.zeros(1, 4), max_length=8, no_repeat_ngram_size=2).tokens
         bigrams = list(zip(tokens, tokens[1:]))
         assert len(bigrams) == len(set(bigrams)), tokens
 
