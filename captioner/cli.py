@@ -146,9 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "data.root")
 
     calibrate = commands.add_parser("calibrate-int8", help="quantize the CNN to int8 (ONNX Runtime, static, "
-                                    "per-channel), calibrated on a sample of a dataset's training photos")
-    calibrate.add_argument("--data-root", required=True, help="the dataset (the checkpoint's data.format), e.g. "
-                           "data/flickr8k")
+                                    "per-channel), calibrated on a sample of a dataset's training photos or of "
+                                    "your own")
+    photos = calibrate.add_mutually_exclusive_group(required=True)
+    photos.add_argument("--data-root", help="the dataset (the checkpoint's data.format), e.g. data/flickr8k: "
+                        "its training photos")
+    photos.add_argument("--folder", help="a folder of your own photos instead (searched as `captioner caption` "
+                        "searches one), e.g. the kind of photos you will caption")
     calibrate.add_argument("--checkpoint", help="whose encoder to quantize (default: the shipped model)")
     calibrate.add_argument("--images", type=int, default=256, help="training photos to calibrate on (a fixed sample)")
     calibrate.add_argument("--float-convolutions", type=int, default=3, metavar="N",
@@ -275,17 +279,26 @@ def run(args) -> int:
         if args.images < 1:
             raise ConfigError("--images must be >= 1")
         config = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)[0]
-        config.data.root = args.data_root
         config.encoder.runtime, config.encoder.precision = "onnx", "fp32"
-        photos = [str(record.path) for record in load_dataset(config.data).split("train")]
-        written = calibrate_int8(encoder_from_config(config.encoder), photos, count=args.images,
-                                 progress=not args.no_progress, float_convolutions=args.float_convolutions,
-                                 depthwise_weight_bits=args.depthwise_weight_bits)
+        if args.folder:
+            from .caption import collect_images
+
+            photos, problems, _ = collect_images([args.folder])
+            if problems:
+                raise ConfigError(problems[0][1])
+            source = f"photos of {args.folder}"
+        else:
+            config.data.root = args.data_root
+            photos = [str(record.path) for record in load_dataset(config.data).split("train")]
+            source = f"training photos of {args.data_root}"
+        written, used = calibrate_int8(encoder_from_config(config.encoder), photos, count=args.images,
+                                       progress=not args.no_progress, float_convolutions=args.float_convolutions,
+                                       depthwise_weight_bits=args.depthwise_weight_bits)
         if args.out:
             import shutil
 
             shutil.copyfile(written, args.out)
-        print(f"int8 encoder calibrated on {min(args.images, len(photos))} training photos of {args.data_root}: "
+        print(f"int8 encoder calibrated on {used} {source}: "
               f"{args.out or written}; use it with --precision int8")
         return 0
     if args.command == "app":

@@ -1,6 +1,7 @@
 """int8 for the CNN: ONNX Runtime's static quantization, calibrated on real photos.
 
     captioner calibrate-int8 --data-root data/flickr8k      # 256 Flickr8k train photos; a minute or two on a CPU
+    captioner calibrate-int8 --folder my-photos/            # or 256 of your own
 
 The fp32 graph (onnx_runtime.py) gets QuantizeLinear/DequantizeLinear pairs (QDQ): int8 weights per output
 channel (7 bits where a convolution runs as a matrix product, 8 in the depthwise convolutions), uint8 activations
@@ -33,7 +34,7 @@ def int8_graph(encoder) -> Path:
         return path
     raise OnnxRuntimeError(f"no int8 graph for encoder {encoder.name} ({encoder.fingerprint()}) at "
                            f"{encoder.transform.image_size} px in {path.parent}; make one with "
-                           f"`captioner calibrate-int8 --data-root FLICKR8K` (or use precision fp32)")
+                           f"`captioner calibrate-int8 --data-root FLICKR8K` or `--folder YOUR_PHOTOS` (or use precision fp32)")
 
 
 def int8_digest(encoder) -> str:
@@ -139,15 +140,26 @@ def depthwise_weights(model) -> list[str]:
 
 def calibrate_int8(encoder, paths: Sequence[str], out: str | Path | None = None, count: int = CALIBRATION_IMAGES,
                    progress: bool = True, method: str = "MinMax", float_convolutions: int = 3,
-                   depthwise_weight_bits: int = 8) -> Path:
-    """Quantize `encoder`'s CNN to int8 on a sample of `count` of `paths`; saved where precision int8 finds it
-    (or to `out`). Returns the file written."""
+                   depthwise_weight_bits: int = 8) -> tuple[Path, int]:
+    """Quantize `encoder`'s CNN to int8 on a sample of `count` of `paths` (unreadable files left out); saved where
+    precision int8 finds it (or to `out`). Returns the file written and how many photos calibrated it."""
+    from .transform import ImageLoadError, load_image
+
     sample = calibration_sample(paths, count)
     if not sample:
         raise OnnxRuntimeError("no photos to calibrate int8 on")
+    readable = []
+    for path in sample:  # a second of decoding for 256 photos, against a minute or two of calibration
+        try:
+            load_image(path, draft_size=encoder.transform.image_size)
+            readable.append(path)
+        except ImageLoadError:
+            pass
+    if not readable:
+        raise OnnxRuntimeError(f"none of the {len(sample)} photos could be read as an image, e.g. {sample[0]}")
     target = Path(out) if out else graph_path(encoder, "int8")
-    quantize_graph(encoder_graph(encoder, "fp32"), target, sample, encoder.transform, progress=progress,
-                   metadata={"captioner_encoder": encoder.graph_key(), "calibration_images": len(sample),
+    quantize_graph(encoder_graph(encoder, "fp32"), target, readable, encoder.transform, progress=progress,
+                   metadata={"captioner_encoder": encoder.graph_key(), "calibration_images": len(readable),
                              "calibration_method": method, "float_convolutions": float_convolutions},
                    method=method, float_convolutions=float_convolutions, depthwise_weight_bits=depthwise_weight_bits)
-    return target
+    return target, len(readable)

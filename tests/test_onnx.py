@@ -3,6 +3,7 @@ command; `captioner export --format onnx` captions with onnxruntime and numpy al
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -144,6 +145,31 @@ def test_int8_is_calibrated_by_a_command_and_used_when_asked(trained, tiny_flick
     assert all(c.text for c in int8.caption(shapes, beam_size=3))
     features = cached_features(int8.encoder, shapes, tmp_path / "cache", progress=False)
     assert features.features.shape == (len(shapes), 1280) and (tmp_path / "cache" / int8.encoder.cache_key()).is_dir()
+
+
+def test_int8_calibrates_on_a_folder_of_your_own_photos(trained, shapes, tmp_path, capsys):
+    """`calibrate-int8 --folder`: a user's own photos instead of a dataset's; unreadable files are skipped, and a
+    folder with no image, or with none readable, is a one-line error."""
+    checkpoint = str(trained[1] / "best.pt")
+    folder = tmp_path / "mine"
+    (folder / "holiday").mkdir(parents=True)
+    for i, path in enumerate(shapes[:6]):
+        shutil.copy(path, folder / "holiday" / f"{i}.jpg")
+    (folder / "notes.txt").write_text("not a photo")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    out = tmp_path / "int8.onnx"
+    calibrate = ["calibrate-int8", "--checkpoint", checkpoint, "--out", str(out), "--no-progress"]
+    assert main([*calibrate, "--folder", str(folder)]) == 0
+    assert f"calibrated on 6 photos of {folder}" in capsys.readouterr().out and out.is_file()  # not the broken one
+    (tmp_path / "empty").mkdir()
+    assert main([*calibrate, "--folder", str(tmp_path / "empty")]) == 1
+    assert "no images found in this folder" in capsys.readouterr().err
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    assert main([*calibrate, "--folder", str(tmp_path / "unreadable")]) == 1
+    assert "none of the 1 photos could be read" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a dataset or a folder, not both
+        main([*calibrate, "--folder", str(folder), "--data-root", str(folder)])
 
 
 def test_int8_weights_have_8_bits_only_where_no_cpu_saturates_them(trained, shapes, tmp_path):
