@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     photos.add_argument("--folder", help="a folder of your own photos instead (searched as `captioner caption` "
                         "searches one), e.g. the kind of photos you will caption")
     calibrate.add_argument("--checkpoint", help="whose encoder to quantize (default: the shipped model)")
-    calibrate.add_argument("--images", type=int, default=256, help="training photos to calibrate on (a fixed sample)")
+    calibrate.add_argument("--images", type=int, default=256, help="photos to calibrate on (a fixed sample)")
     calibrate.add_argument("--float-convolutions", type=int, default=3, metavar="N",
                            help="the first N convolutions stay fp32 (the stem and first block are the most "
                                 "sensitive to rounding; bench/int8.py)")
