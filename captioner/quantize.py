@@ -34,7 +34,8 @@ def int8_graph(encoder) -> Path:
         return path
     raise OnnxRuntimeError(f"no int8 graph for encoder {encoder.name} ({encoder.fingerprint()}) at "
                            f"{encoder.transform.image_size} px in {path.parent}; make one with "
-                           f"`captioner calibrate-int8 --data-root FLICKR8K` or `--folder YOUR_PHOTOS` (or use precision fp32)")
+                           f"`captioner calibrate-int8 --data-root FLICKR8K` or `--folder YOUR_PHOTOS` "
+                           f"(or use precision fp32)")
 
 
 def int8_digest(encoder) -> str:
