@@ -1,7 +1,8 @@
 """Load on the web app: N requests from T threads through gradio_client; median and p95 latency.
 
-    python bench/app_load.py [--checkpoint CKPT] [--precision fp32|int8] [--requests 50] [--threads 8] [--beam-size 3] [--out bench/results]
-                             [--client-process] [--compare-empty [--rounds R]] [--name NAME]
+    python bench/app_load.py [--checkpoint CKPT] [--precision fp32|int8] [--requests 50] [--threads 8]
+                             [--beam-size 3] [--out bench/results] [--client-process]
+                             [--compare-empty [--rounds R]] [--name NAME]
 
 Starts the app on a free localhost port with the given (default: shipped) model, sends each client one
 untimed warm-up request, times the N requests, checks every answer against a caption computed alone, and
@@ -187,8 +188,8 @@ def markdown(result: dict) -> str:
         f"# The web app under load: {result['requests']} requests from {result['threads']} threads, "
         f"beam {result['beam_size']}", "",
         f"`{result['command']}`: the app (`captioner.webapp.build_app`, queued as `python app.py` serves it) on a "
-        f"localhost port, model `{result['checkpoint']}` (its CNN in {result.get('precision', 'fp32')}), requests through `gradio_client` (clients: "
-        f"{result['clients']}) cycling over the example "
+        f"localhost port, model `{result['checkpoint']}` (its CNN in {result.get('precision', 'fp32')}), requests "
+        f"through `gradio_client` (clients: {result['clients']}) cycling over the example "
         f"photos ({', '.join(result['photos'])}), after one untimed warm-up request per client; each answer is "
         "checked against the caption of that photo computed alone.", "",
         f"Machine: {info['processor']}, {info['cpu_count']} CPUs, {info['platform']}, Python {info['python']}, "

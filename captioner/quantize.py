@@ -58,6 +58,7 @@ class _PhotoBatches:
     def __init__(self, paths: Sequence[str], transform, batch_size: int, progress: bool):
         self.batches = [list(paths[i:i + batch_size]) for i in range(0, len(paths), batch_size)]
         self.transform, self.todo = transform, iter(self.batches)  # all of them, unless set_range narrows it
+        self.read: set[str] = set()  # the photos that calibrated something
         self.bar = tqdm(total=len(paths), desc="calibrating int8", unit="img", disable=not progress, file=sys.stderr)
 
     def __len__(self) -> int:
@@ -74,8 +75,9 @@ class _PhotoBatches:
             for path in batch:
                 try:
                     images.append(self.transform.load(path).numpy())
+                    self.read.add(path)
                 except ImageLoadError:
-                    pass  # an unreadable training photo calibrates nothing
+                    pass  # an unreadable photo calibrates nothing
             self.bar.update(len(batch))
             if images:
                 return {"images": np.ascontiguousarray(np.stack(images), dtype=np.float32)}
@@ -85,8 +87,9 @@ class _PhotoBatches:
 def quantize_graph(fp32: Path | bytes, target: Path, paths: Sequence[str], transform, batch_size: int = 8,
                    progress: bool = True, metadata: dict | None = None, method: str = "MinMax",
                    float_convolutions: int = 3, float_last_convolutions: int = 0, weight_bits: int = 7,
-                   depthwise_weight_bits: int = 8, unsigned_weights: bool = False) -> None:
-    """Statically quantize an fp32 encoder graph, calibrated on `paths`, and write it to `target`.
+                   depthwise_weight_bits: int = 8, unsigned_weights: bool = False) -> int:
+    """Statically quantize an fp32 encoder graph, calibrated on `paths` (unreadable files left out), and write it
+    to `target`. Returns how many photos calibrated it; none readable is an OnnxRuntimeError.
 
     The defaults are the ones `captioner calibrate-int8` uses; the others are for bench/int8_variants.py."""
     if weight_bits not in (7, 8) or depthwise_weight_bits not in (7, 8):
@@ -116,19 +119,28 @@ def quantize_graph(fp32: Path | bytes, target: Path, paths: Sequence[str], trans
         # reduce_range: 7-bit weights. Without VNNI (as on this repo's AVX2 machine), 8-bit weights saturate the
         # int16 sums of x86's u8 x s8 instruction: the pooled features' cosine to fp32 fell to 0.90 (0.98 with 7
         # bits). 7-bit weights cannot saturate, so a graph gives the same numbers on every x86 CPU.
-        quantize_static(str(source), str(quantized), batches, quant_format=QuantFormat.QDQ, per_channel=True,
-                        reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
-                        nodes_to_exclude=keep_float, calibrate_method=getattr(CalibrationMethod, method),
-                        extra_options={"TensorQuantOverrides": overrides,
-                                       **({"CalibStridedMinMax": 1} if method == "MinMax" else {})})
-        batches.bar.close()
+        try:
+            quantize_static(str(source), str(quantized), batches, quant_format=QuantFormat.QDQ, per_channel=True,
+                            reduce_range=weight_bits == 7, activation_type=QuantType.QUInt8,
+                            weight_type=QuantType.QUInt8 if unsigned_weights else QuantType.QInt8,
+                            nodes_to_exclude=keep_float, calibrate_method=getattr(CalibrationMethod, method),
+                            extra_options={"TensorQuantOverrides": overrides,
+                                           **({"CalibStridedMinMax": 1} if method == "MinMax" else {})})
+        except ValueError:  # onnxruntime's "No data is collected."
+            if batches.read:
+                raise
+            raise OnnxRuntimeError(f"none of the {len(paths)} photos could be read as an image, e.g. {paths[0]}") \
+                from None
+        finally:
+            batches.bar.close()
         result = onnx.load(str(quantized))
-        bits = {"weight_bits": weight_bits, "depthwise_weight_bits": depthwise_weight_bits}
-        for key, value in {**(metadata or {}), **bits}.items():
+        facts = {"calibration_images": len(batches.read), "weight_bits": weight_bits,
+                 "depthwise_weight_bits": depthwise_weight_bits}
+        for key, value in {**(metadata or {}), **facts}.items():
             entry = result.metadata_props.add()
             entry.key, entry.value = key, str(value)
         write_graph(target, result.SerializeToString())
+        return len(batches.read)
 
 
 def depthwise_weights(model) -> list[str]:
@@ -144,23 +156,13 @@ def calibrate_int8(encoder, paths: Sequence[str], out: str | Path | None = None,
                    depthwise_weight_bits: int = 8) -> tuple[Path, int]:
     """Quantize `encoder`'s CNN to int8 on a sample of `count` of `paths` (unreadable files left out); saved where
     precision int8 finds it (or to `out`). Returns the file written and how many photos calibrated it."""
-    from .transform import ImageLoadError, load_image
-
     sample = calibration_sample(paths, count)
     if not sample:
         raise OnnxRuntimeError("no photos to calibrate int8 on")
-    readable = []
-    for path in sample:  # a second of decoding for 256 photos, against a minute or two of calibration
-        try:
-            load_image(path, draft_size=encoder.transform.image_size)
-            readable.append(path)
-        except ImageLoadError:
-            pass
-    if not readable:
-        raise OnnxRuntimeError(f"none of the {len(sample)} photos could be read as an image, e.g. {sample[0]}")
     target = Path(out) if out else graph_path(encoder, "int8")
-    quantize_graph(encoder_graph(encoder, "fp32"), target, readable, encoder.transform, progress=progress,
-                   metadata={"captioner_encoder": encoder.graph_key(), "calibration_images": len(readable),
-                             "calibration_method": method, "float_convolutions": float_convolutions},
-                   method=method, float_convolutions=float_convolutions, depthwise_weight_bits=depthwise_weight_bits)
-    return target, len(readable)
+    used = quantize_graph(encoder_graph(encoder, "fp32"), target, sample, encoder.transform, progress=progress,
+                          metadata={"captioner_encoder": encoder.graph_key(), "calibration_method": method,
+                                    "float_convolutions": float_convolutions},
+                          method=method, float_convolutions=float_convolutions,
+                          depthwise_weight_bits=depthwise_weight_bits)
+    return target, used
