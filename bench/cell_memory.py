@@ -4,7 +4,7 @@
         [--length 15] [--set data.root=...] [--out bench/results] [--name cell-memory] [--note TEXT]
 
 Reads each run's best.pt (the runs bench/compare_cells.py trains) and, on the dev captions of
---length words under teacher forcing, measures (captioner/memory.py):
+--length words under teacher forcing, measures (bench/memory.py):
 - gradient flow through time: the norm of the gradient of the last word's loss with respect to
   the recurrent state 0, 1, ... steps earlier (for the LSTM, h and c together), averaged over
   captions, relative to 0 steps back;
@@ -17,6 +17,7 @@ Writes <name>.png (the three panels), <name>.json (every number) and <name>.md (
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -27,12 +28,23 @@ from pathlib import Path
 import torch
 
 from captioner.checkpoint import load_checkpoint
-from captioner.config import Config, apply_override
+from captioner.config import Config, with_settings
 from captioner.data import load_dataset
-from captioner.memory import accuracy_by_position, gradient_through_time, image_influence
 from captioner.evaluate import prepare_features, readable
 from captioner.files import read_metrics, write_results
 from captioner.train import caption_tensor
+
+
+def _load_beside(name: str):
+    """bench/<name>.py, the research module beside this script, loaded by path: bench/ is no package,
+    and a plain `import` finds a sibling only when this file runs as a script, not when a test loads it."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+memory = _load_beside("memory")  # bench/memory.py
 
 
 def dev_features(config: Config, fingerprint: str, cache: dict) -> tuple[list, torch.Tensor]:
@@ -51,11 +63,7 @@ def dev_features(config: Config, fingerprint: str, cache: dict) -> tuple[list, t
 
 def measure(run: Path, overrides: list[str], length: int, positions: int, seed: int, cache: dict) -> dict:
     config, vocab, decoder, payload = load_checkpoint(run / "best.pt")
-    if overrides:
-        values = config.to_dict()
-        for override in overrides:
-            apply_override(values, override)
-        config = Config.from_dict(values, source=f"{run}/best.pt with --set {' '.join(overrides)}")
+    config = with_settings(config, overrides, f"{run}/best.pt")
     records, features = dev_features(config, payload["encoder"]["fingerprint"], cache)
     tokens, images = caption_tensor(records, vocab, config.data.max_caption_length)
     words = (tokens != vocab.pad).sum(1) - 2
@@ -66,9 +74,10 @@ def measure(run: Path, overrides: list[str], length: int, positions: int, seed: 
     own = images[chosen]
     # another photo for each caption, never its own: the same draw for every run of the same data
     other = (own + torch.randint(1, len(records), own.shape, generator=torch.Generator().manual_seed(seed))) % len(records)
-    gradient = gradient_through_time(decoder, features[own], fixed)
-    kl = image_influence(decoder, features[own], features[other], fixed)
-    accuracy, count = accuracy_by_position(decoder, features[images], tokens[:, : positions + 1], vocab.pad, vocab.eos)
+    gradient = memory.gradient_through_time(decoder, features[own], fixed)
+    kl = memory.image_influence(decoder, features[own], features[other], fixed)
+    accuracy, count = memory.accuracy_by_position(decoder, features[images], tokens[:, : positions + 1], vocab.pad,
+                                                  vocab.eos)
     history = read_metrics(run)
     state = gradient["state"].flip(0)  # index = steps back from the last word
     return {

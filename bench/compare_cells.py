@@ -25,7 +25,7 @@ from captioner.config import load_config
 from captioner.data import load_dataset
 from captioner.evaluate import evaluate_features, prepare_features, readable
 from captioner.files import plot_curves, read_metrics
-from captioner.inference import decode_features
+from captioner.describe import decode_features
 from captioner.train import run_is_finished, train
 
 

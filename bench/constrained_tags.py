@@ -1,4 +1,4 @@
-"""Does forcing the top tag into the caption help? Constrained beam search (search.constrained_beam_search)
+"""Does forcing the top tag into the caption help? Constrained beam search (bench/constrained_search.py)
 on the photos the model captions from the photo, scored on Flickr8k dev and captioned folders.
 
     python bench/constrained_tags.py --flickr8k DATA/flickr8k --folders DATA/coco-ood-dev [--above 0.3 0.5 0.7]
@@ -10,9 +10,11 @@ Captions from tags (the fallback) are left alone. Writes bench/results/constrain
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
+import sys
 from pathlib import Path
 
 import torch
@@ -24,8 +26,20 @@ from captioner.features import cached_features
 from captioner.files import write_results
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.metrics import caption_scores, overlap_scores, without_person_dog
-from captioner.search import constrained_beam_search
 from captioner.text import tokenize
+
+
+def _load_beside(name: str):
+    """bench/<name>.py, the research module beside this script, loaded by path: bench/ is no package,
+    and a plain `import` finds a sibling only when this file runs as a script, not when a test loads it."""
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as `import` does: @dataclass looks the module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+constrained_search = _load_beside("constrained_search")  # bench/constrained_search.py
 
 
 def constrain(captioner: Captioner, features: torch.Tensor, captions: list, above: float) -> tuple[list[str], list]:
@@ -41,10 +55,10 @@ def constrain(captioner: Captioner, features: torch.Tensor, captions: list, abov
         required.append([[captioner.vocab.index[f] for f in forms]])
     texts = [c.text for c in captions]
     if rows:
-        found = constrained_beam_search(captioner.decoder, features[torch.tensor(rows)], required,
-                                        beam_size=decode.beam_size, max_length=decode.max_length,
-                                        min_length=decode.min_length, no_repeat_ngram_size=decode.no_repeat_ngram_size,
-                                        length_penalty=decode.length_penalty)
+        found = constrained_search.constrained_beam_search(
+            captioner.decoder, features[torch.tensor(rows)], required, beam_size=decode.beam_size,
+            max_length=decode.max_length, min_length=decode.min_length,
+            no_repeat_ngram_size=decode.no_repeat_ngram_size, length_penalty=decode.length_penalty)
         for i, hypotheses in zip(rows, found):
             texts[i] = " ".join(captioner.vocab.decode(hypotheses[0].tokens))
     return texts, [(captions[i].text, texts[i]) for i in rows]

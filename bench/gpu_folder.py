@@ -5,7 +5,7 @@
 
 On a GPU the CNN and the search take milliseconds per batch of 128, so the JPEG decoding sets the pace. This times
 caption.caption_paths (the code behind `captioner caption`, beam 3, the shipped model) for each --workers value
-and for the default (`Captioner.default_workers`), the settings taking turns over --rounds, and checks that every
+and for the default (`folders.default_workers`), the settings taking turns over --rounds, and checks that every
 setting writes the same captions. --synthetic N writes N photo-sized JPEGs (640x480 smooth random colour fields
 with grain) to a temporary folder, for machines without photos: the captions mean nothing, the decoding costs
 what a photo's does. Writes NAME.md and NAME.json to --out.
@@ -29,6 +29,7 @@ from PIL import Image
 from captioner import Captioner
 from captioner.caption import caption_paths
 from captioner.files import write_results
+from captioner.folders import default_workers
 
 
 def synthetic_photos(folder: Path, count: int, seed: int = 0) -> None:
@@ -53,7 +54,7 @@ def main() -> None:
     args = parser.parse_args()
 
     captioner = Captioner.from_checkpoint(device=args.device)
-    default = captioner.default_workers()
+    default = default_workers(captioner.device)
     with tempfile.TemporaryDirectory() as work:
         folder = Path(args.folder) if args.folder else Path(work) / "photos"
         if args.synthetic:

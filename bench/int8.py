@@ -31,10 +31,9 @@ import torch
 from captioner.files import write_results
 from captioner.checkpoint import load_checkpoint
 from captioner.cli import main as captioner_main
-from captioner.encoder import encoder_from_config
 from captioner.features import cached_features
 from captioner.inference import DEFAULT_CHECKPOINT
-from captioner.quantize import graph_path
+from captioner.onnx_runtime import encoder_from_config, graph_path
 
 REPO = Path(__file__).resolve().parents[1]
 LIMITS = {"flickr8k": {"bleu4": 0.005, "cider_d": 0.01}, "ood": {"cider_d": 0.01}}  # issue 14's, against fp32

@@ -26,10 +26,9 @@ import torch
 
 from captioner.checkpoint import load_checkpoint
 from captioner.data import load_dataset
-from captioner.encoder import encoder_from_config
 from captioner.files import write_results
 from captioner.inference import DEFAULT_CHECKPOINT
-from captioner.onnx_runtime import encoder_graph, inference_session
+from captioner.onnx_runtime import encoder_from_config, encoder_graph, inference_session
 from captioner.quantize import calibration_sample, quantize_graph
 from int8 import int8_machine  # bench/int8.py, next to this file
 

@@ -33,7 +33,7 @@ def score_records(captioner: Captioner, records, cache_dir: str) -> tuple[dict, 
     features = table.lookup([r.path for r in records])
     captions = []
     for start in range(0, len(features), 128):
-        captions += [c[0] for c in captioner.describe(features[start:start + 128], captioner.config.decode)]
+        captions += [c[0] for c in captioner.describe(features[start:start + 128])]
     references = [[tokenize(t) for t in r.captions] for r in records]
     hypotheses = [c.text.split() for c in captions]
     subset = without_person_dog(references)
@@ -61,16 +61,11 @@ def main() -> None:
     parser.add_argument("--cache-dir", default=".cache/features")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="ood")
-    parser.add_argument("--set", action="append", default=[], metavar="decode.KEY=VALUE",
-                        help="score with a decoding setting changed, e.g. decode.unseen_dog_below=0 (the dog check off)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="score with a setting changed, e.g. routing.unseen_dog_below=0 (the dog check off)")
     args = parser.parse_args()
 
-    captioner = Captioner.from_checkpoint(args.checkpoint)
-    for override in args.set:
-        key, _, value = override.partition("=")
-        if not key.startswith("decode."):
-            raise SystemExit(f"--set {override}: only decode.* settings")
-        captioner.config.decode = captioner.decode_options(**{key[len("decode."):]: type(getattr(captioner.config.decode, key[len("decode."):]))(value)})
+    captioner = Captioner.from_checkpoint(args.checkpoint, settings=args.set)
     sets = {}
     if args.flickr8k:
         flickr8k = load_flickr8k(args.flickr8k)

@@ -31,6 +31,7 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.util
+import inspect
 import json
 import os
 import platform
@@ -105,9 +106,10 @@ class Package:
     def torch_encoder_only(self, paths: list[str], batch_size: int, workers: int) -> int:
         """The same CNN alone, run by PyTorch eager (channels-last, as the torch runtime runs it)."""
         if self.eager_encoder is None:
-            config = self.model.config.encoder
-            self.eager_encoder = type(self.model.encoder)(config.name, config.weights, config.image_size,
-                                                          runtime="torch")
+            config, encoder_type = self.model.config.encoder, type(self.model.encoder)
+            # An Encoder with no session attached runs torch; older versions' Encoder chooses its runtime itself.
+            torch_only = {"runtime": "torch"} if "runtime" in inspect.signature(encoder_type).parameters else {}
+            self.eager_encoder = encoder_type(config.name, config.weights, config.image_size, **torch_only)
         return self.encoder_only(paths, batch_size, workers, self.eager_encoder)
 
     def caption_folder(self, paths: list[str], beam_size: int, out: Path) -> dict[str, str]:

@@ -3,8 +3,8 @@
 Rows are {"path", "caption", "score", "confidence", "unsure", "from_tags", "tags"} or {"path", "error"}; printed
 as tab-separated lines, or written to JSONL or CSV by the output file's extension. `tags` are the
 photo's visual concepts as [word, probability] pairs (concepts.py); `confidence` is how familiar the
-photo is to the model and `unsure` says it is too strange to trust the caption (confidence.py); `from_tags`
-says the fallback decoder wrote it from the tags instead (fallback.py). Rerunning with the same output file
+photo is to the model (confidence.py); `unsure` says not to trust the caption and `from_tags` that the tag
+decoder wrote it from the tags instead of the photo decoder from the photo (routing.py). Rerunning with the same output file
 keeps the rows already captioned and does the rest (errors are retried), so an interrupted run
 loses nothing and no image gets two rows.
 """
@@ -21,7 +21,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .inference import Caption, Captioner
+from .describe import Caption
+from .folders import caption_files
+from .inference import Captioner
 from .transform import AVIF_BRANDS, HEIF_BRANDS, media_brand
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
@@ -226,7 +228,7 @@ def caption_paths(captioner: Captioner, inputs: list[str], out: str | None = Non
                   **decode_options) -> int:
     """Caption everything under `inputs`; returns the exit status (0 all good, 3 some failed)."""
     plan = plan_captioning(inputs, out, overwrite)
-    results = captioner.caption_files(plan.todo, batch_size, num_workers, **decode_options)
+    results = caption_files(captioner, plan.todo, batch_size, num_workers, **decode_options)
     rows = (caption_row(plan.todo[index], captions[0]) if error is None else error_row(plan.todo[index], error)
             for index, captions, error in results)
     return write_captions(plan, rows, out, progress)

@@ -6,7 +6,7 @@
      "provenance": {"dataset", "train_split", "epoch", "dev": {...}, "created", "torch"},
      "domain": {"centroids", "dev_similarity",     # optional: how familiar photos are (confidence.py)
                 "person_weight", "person_bias"},  # optional within it: the person probe
-     "fallback": {"config", "vocab", "decoder"},   # optional: captions unsure photos from tags (fallback.py)
+     "fallback": {"config", "vocab", "decoder"},   # optional: the tag decoder (decoder.TagDecoder, routing.py)
      "training": {...}   # optimizer/scheduler/RNG state; only in last.pt, for --resume}
 
 It loads with `torch.load(path, weights_only=True)`: no pickled classes, nothing executable.
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .confidence import DomainProfile
-from .config import Config, ConfigError, apply_override
+from .config import Config, ConfigError, upgraded, with_settings
 from .decoder import build_decoder
 from .files import atomic_save
 from .text import Vocabulary
@@ -94,7 +94,7 @@ def load_checkpoint(path: str | Path, payload: dict | None = None,
     if what != "checkpoint":
         path = f"{path} ({what})"
     try:
-        config = Config.from_dict(payload["config"], source=f"{path} (config)")
+        config = Config.from_dict(upgraded(payload["config"]), source=f"{path} (config)")
     except ConfigError as error:
         raise CheckpointError(str(error)) from None
     try:
@@ -130,12 +130,12 @@ def load_domain(payload: dict, path: str | Path) -> DomainProfile | None:
 
 
 def load_fallback(payload: dict, path: str | Path) -> tuple[Vocabulary, nn.Module] | None:
-    """The fallback decoder a checkpoint carries (fallback.py), or None."""
+    """The tag decoder a checkpoint carries (decoder.TagDecoder), or None."""
     if not payload.get("fallback"):
         return None
     inner = payload["fallback"]
     _, vocab, decoder, _ = load_checkpoint(path, {"format": FORMAT, "version": VERSION, "encoder": payload["encoder"],
-                                                  **inner}, what="fallback decoder")
+                                                  **inner}, what="tag decoder")
     return vocab, decoder
 
 
@@ -143,45 +143,38 @@ def fallback_payload(path: str | Path, encoder_info: dict, image_size: int, half
     """A trained fallback checkpoint as the entry another checkpoint carries; its encoder must be the same."""
     config, vocab, decoder, payload = load_checkpoint(path)
     if config.decoder.inputs != "tags":
-        raise CheckpointError(f"{path}: not a fallback decoder (decoder.inputs is {config.decoder.inputs}, not tags)")
+        raise CheckpointError(f"{path}: not a tag decoder (decoder.inputs is {config.decoder.inputs}, not tags)")
     if payload["encoder"].get("fingerprint") != encoder_info.get("fingerprint"):
         raise CheckpointError(f"{path}: trained with encoder {payload['encoder'].get('name')} "
                               f"({payload['encoder'].get('fingerprint')}), the model's is {encoder_info.get('name')} "
                               f"({encoder_info.get('fingerprint')})")
     if config.encoder.image_size != image_size:
         raise CheckpointError(f"{path}: its tags came from {config.encoder.image_size} px images, the model's are "
-                              f"{image_size} px (train it with --for-model MODEL)")
+                              f"{image_size} px (train it with the model's encoder settings)")
     weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in decoder.state_dict().items()}
     return {"config": config.to_dict(), "vocab": list(vocab.words), "decoder": weights}
 
 
-def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
-                      decode_overrides: list[str] = (), domain: dict | None = None,
-                      fallback: str | Path | None = None) -> dict:
+def export_checkpoint(source: str | Path, target: str | Path, half: bool = True, settings: list[str] = (),
+                      domain: dict | None = None, fallback: str | Path | None = None) -> dict:
     """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance.
 
-    `decode_overrides` ("decode.beam_size=5", ...) change the decoding defaults stored with the model,
-    e.g. to settings chosen on dev by bench/tune_decoding.py, and "data.root=DIR" where its data is to
-    be found (evaluate's default); nothing else can change. `domain` replaces
-    the familiarity profile (confidence.py), `fallback` (a checkpoint trained by `captioner
-    train-fallback`) the fallback decoder; without them the source's, if any, are kept.
+    `settings` ("decode.beam_size=5", "routing.unsure_below=0.1", "data.root=DIR", ...) change the config
+    stored with the model, e.g. to decoding settings chosen on dev by bench/tune_decoding.py; what describes
+    the model itself cannot change (config.with_settings). `domain` replaces the familiarity profile
+    (confidence.py), `fallback` (a checkpoint trained by `captioner train-fallback`) the tag decoder;
+    without them the source's, if any, are kept.
     """
     config, vocab, decoder, payload = load_checkpoint(source)
-    if decode_overrides:
-        values = config.to_dict()
-        for override in decode_overrides:
-            if not override.startswith(("decode.", "data.root=")):
-                raise ConfigError(f"export --set {override}: only decode.* settings and data.root can change "
-                                  f"in an export")
-            apply_override(values, override)
-        config = Config.from_dict(values, source=f"export --set {' '.join(decode_overrides)}")
+    config = with_settings(config, list(settings), f"export of {source}")
     provenance = dict(payload.get("provenance", {}), fp16=half)
     provenance.setdefault("exported_from", Path(source).name)  # re-exporting an export keeps the training file's name
-    if decode_overrides:
-        provenance["decode_overrides"] = [*provenance.get("decode_overrides", []), *decode_overrides]
+    if settings:
+        provenance["settings"] = [*provenance.get("settings", []), *settings]
     if fallback:
         provenance["fallback_from"] = str(fallback)
+    fallback_entry = fallback_payload(fallback, payload["encoder"], config.encoder.image_size, half) if fallback \
+        else payload.get("fallback")
     save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half,
-                    domain=domain if domain is not None else payload.get("domain"),
-                    fallback=fallback_payload(fallback, payload["encoder"], config.encoder.image_size, half) if fallback else payload.get("fallback"))
+                    domain=domain if domain is not None else payload.get("domain"), fallback=fallback_entry)
     return provenance

@@ -47,7 +47,11 @@ class ConceptWords:
     def tags(self, class_probs: torch.Tensor, top: int = TOP_TAGS,
              min_probability: float = MIN_TAG_PROBABILITY) -> list[list[Tag]]:
         """Per image, up to `top` (word, probability) pairs, most probable first, each >= min_probability."""
-        words = self.word_probabilities(class_probs)
+        return self.top_tags(self.word_probabilities(class_probs), top, min_probability)
+
+    def top_tags(self, words: torch.Tensor, top: int = TOP_TAGS,
+                 min_probability: float = MIN_TAG_PROBABILITY) -> list[list[Tag]]:
+        """`tags` from word probabilities [B, W] already computed."""
         values, indices = words.topk(min(top, len(self.words)), dim=1)
         return [[(self.words[i], round(v, 3)) for v, i in zip(vs, idx) if v >= min_probability]
                 for vs, idx in zip(values.tolist(), indices.tolist())]

@@ -5,14 +5,13 @@ believe it depends on whether the photo looks like the ones it learned from. The
 k-means centroids of the training photos' features (direction only) and the nearest-centroid
 similarities of held-out (dev) photos. A photo's familiarity is the share of those dev photos
 that sit no closer to the training photos than it does: 0.5 is a typical training-like photo,
-0.01 is stranger than 99% of them. Below the model's `decode.unsure_below` (0.05 unless chosen
-otherwise) the app and the CLI say the caption is unsure and show the tags, and a model with a
-fallback decoder writes that caption from the tags instead (fallback.py).
+0.01 is stranger than 99% of them. routing.py reads it: below `routing.unsure_below` (0.05 unless
+set otherwise) a caption is unsure, and a model with a tag decoder writes it from the tags instead.
 
 The profile can also hold a person probe: whether a photo shows people, learnt from the training
 photos' references. Flickr8k's decoder knows people well and little else, so an unfamiliar photo
 the probe is sure shows people keeps that decoder's caption, and a caption that names a person the
-probe does not see is unsure, as one naming a dog the ImageNet head does not see is (inference.py).
+probe does not see is unsure, as one naming a dog the ImageNet head does not see is (routing.py).
 """
 from __future__ import annotations
 

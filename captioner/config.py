@@ -19,9 +19,11 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    format: str = "flickr8k"  # flickr8k | karpathy | csv | refs
+    format: str = "flickr8k"  # flickr8k | karpathy | csv | refs | captions (captions alone: a tag decoder's data)
     root: str = "data/flickr8k"  # dataset folder (flickr8k), or folder the image paths are relative to
-    annotations: str = ""  # karpathy: dataset_*.json; csv: image,caption[,split] file
+    annotations: str = ""  # karpathy: dataset_*.json; csv: image,caption[,split] file; captions: a caption text file
+    dev_folder: str = ""  # captions: a refs.jsonl folder of photos to pick epochs on, captioned from their tags
+    without_people: bool = False  # captions: leave out captions naming a person (tags cannot tell one is there)
     min_word_count: int = 5  # words seen fewer times in train captions become <unk>
     max_caption_length: int = 30  # longer training captions are truncated (in words)
 
@@ -47,7 +49,7 @@ class DecoderConfig:
     dropout: float = 0.5
     attention: bool = False  # True: soft attention over the encoder's grid (Show, Attend and Tell)
     attention_dim: int = 256
-    inputs: str = "features"  # features: CNN features; tags: the photo's tags (the fallback decoder, fallback.py)
+    inputs: str = "features"  # features: CNN features (the photo decoder); tags: the photo's tags (the tag decoder)
 
 
 @dataclass
@@ -57,12 +59,15 @@ class DecodeConfig:
     min_length: int = 1
     length_penalty: float = 0.0  # hypothesis score = log-prob / (words + 1)**length_penalty
     no_repeat_ngram_size: int = 3  # 0 disables repeat blocking
-    unsure_below: float = 0.05  # confidence under which a caption is unsure (and written from tags, with a fallback)
-    unseen_dog_below: float = 0.05  # a caption naming a dog the encoder's dog tag has under this is unsure too
-    # With a person probe (confidence.py): a caption naming a person it gives less than this is unsure too (0: off),
-    # and an unfamiliar photo it gives more than people_sure_above keeps the decoder's caption, still unsure (1: off).
-    unseen_person_below: float = 0.75
-    people_sure_above: float = 0.999
+
+
+@dataclass
+class RoutingConfig:
+    """Which decoder writes a photo's caption and when it is unsure (routing.py applies them)."""
+    unsure_below: float = 0.05  # familiarity under which a photo is unfamiliar: unsure, written from its tags
+    unseen_dog_below: float = 0.05  # a caption naming a dog the encoder's dog tag gives less than this is unsure
+    unseen_person_below: float = 0.75  # ... or a person the person probe gives less than this (0: off)
+    people_sure_above: float = 0.999  # an unfamiliar photo the probe gives more keeps the photo's caption (1: off)
 
 
 @dataclass
@@ -77,7 +82,8 @@ class TrainConfig:
     label_smoothing: float = 0.1
     lr_schedule: str = "cosine"  # cosine | constant
     warmup_steps: int = 200
-    patience: int = 3  # stop after this many epochs without a better dev BLEU-4 (0: never)
+    patience: int = 3  # stop after this many epochs without a better dev score (0: never)
+    select_by: str = "bleu4"  # the dev score that picks best.pt: bleu4 | cider_d
     dev_beam_size: int = 1  # decoding used for model selection on dev
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -95,6 +101,7 @@ class Config:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def to_dict(self) -> dict:
@@ -108,8 +115,12 @@ class Config:
 
     def validate(self, source: str = "config") -> None:
         checks = [
-            (self.data.format in ("flickr8k", "karpathy", "csv", "refs"),
-             "data.format must be flickr8k, karpathy, csv or refs"),
+            (self.data.format in ("flickr8k", "karpathy", "csv", "refs", "captions"),
+             "data.format must be flickr8k, karpathy, csv, refs or captions"),
+            ((self.data.format == "captions") == (self.decoder.inputs == "tags"),
+             "data.format captions (captions alone) and decoder.inputs tags go together"),
+            (self.data.format == "captions" or not (self.data.dev_folder or self.data.without_people),
+             "data.dev_folder and data.without_people are for data.format captions"),
             (self.data.min_word_count >= 1, "data.min_word_count must be >= 1"),
             (self.data.max_caption_length >= 1, "data.max_caption_length must be >= 1"),
             (self.encoder.weights != "", "encoder.weights must be 'default', 'none' or a file path"),
@@ -127,10 +138,8 @@ class Config:
             (self.decoder.attention_dim >= 1, "decoder.attention_dim must be >= 1"),
             (self.decoder.inputs in ("features", "tags"), "decoder.inputs must be features or tags"),
             (not (self.decoder.inputs == "tags" and self.decoder.attention), "decoder.inputs: tags has no attention"),
-            (0.0 <= self.decode.unsure_below <= 1.0, "decode.unsure_below must be in [0, 1]"),
-            (0.0 <= self.decode.unseen_dog_below <= 1.0, "decode.unseen_dog_below must be in [0, 1]"),
-            (0.0 <= self.decode.unseen_person_below <= 1.0, "decode.unseen_person_below must be in [0, 1]"),
-            (0.0 <= self.decode.people_sure_above <= 1.0, "decode.people_sure_above must be in [0, 1]"),
+            *((0.0 <= getattr(self.routing, name) <= 1.0, f"routing.{name} must be in [0, 1]")
+              for name in ("unsure_below", "unseen_dog_below", "unseen_person_below", "people_sure_above")),
             (self.decode.beam_size >= 1, "decode.beam_size must be >= 1"),
             (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
             (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),
@@ -144,6 +153,9 @@ class Config:
             (self.train.patience >= 0, "train.patience must be >= 0"),
             (self.train.dev_beam_size >= 1, "train.dev_beam_size must be >= 1"),
             (self.train.objective in ("xe", "scst"), "train.objective must be xe or scst"),
+            (self.train.objective == "xe" or self.decoder.inputs == "features",
+             "train.objective scst needs photos: decoder.inputs features"),
+            (self.train.select_by in ("bleu4", "cider_d"), "train.select_by must be bleu4 or cider_d"),
             (self.train.objective != "scst" or bool(self.train.init_from),
              "train.objective scst fine-tunes a trained model: set train.init_from to its checkpoint"),
             (self.train.reward_bleu_weight >= 0, "train.reward_bleu_weight must be >= 0"),
@@ -153,6 +165,23 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
+
+
+def upgraded(values: dict) -> dict:
+    """A checkpoint's config values as this version reads them. Checkpoints written before the routing
+    section kept its four settings under decode, and a tag decoder's data.format named no format of its own."""
+    decode, decoder = values.get("decode"), values.get("decoder")
+    if isinstance(decode, dict) and set(decode) & set(ROUTING_KEYS):
+        routing = {**{k: decode[k] for k in ROUTING_KEYS if k in decode}, **(values.get("routing") or {})}
+        values = {**values, "decode": {k: v for k, v in decode.items() if k not in ROUTING_KEYS}, "routing": routing}
+    if isinstance(decoder, dict) and decoder.get("inputs") == "tags":
+        values = {**values, "data": {**values.get("data", {}), "format": "captions"}}
+    return values
+
+
+ROUTING_KEYS = tuple(f.name for f in dataclasses.fields(RoutingConfig))
+# What describes the trained model itself: a run's --set cannot change it (the weights would not fit).
+MODEL_KEYS = ("decoder.", "encoder.name", "encoder.image_size")
 
 
 def _build(cls, values: Any, source: str, prefix: str):
@@ -204,10 +233,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections (data, encoder, decoder, decode, train)")
+            raise ConfigError(f"{path}: expected a mapping of sections (data, encoder, decoder, decode, routing, train)")
     for override in overrides or []:
         apply_override(values, override)
     return Config.from_dict(values, source)
+
+
+def with_settings(config: Config, settings: list[str], source: str) -> Config:
+    """`config` with `section.key=value` settings applied, for one run of a trained model (caption, evaluate,
+    the app, export): anything but what describes the model itself (MODEL_KEYS) may change."""
+    if not settings:
+        return config
+    values = config.to_dict()
+    for setting in settings:
+        if setting.strip().startswith(MODEL_KEYS):
+            raise ConfigError(f"--set {setting}: {setting.partition('=')[0].strip()} describes the trained model "
+                              f"and cannot change (train another model instead)")
+        apply_override(values, setting)
+    return Config.from_dict(values, source=f"{source} with --set {' '.join(settings)}")
 
 
 def apply_override(values: dict, override: str) -> None:

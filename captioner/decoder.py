@@ -6,12 +6,17 @@ advances one token at a time for greedy and beam search.
 
 AttentionDecoder (decoder.attention: true) is Show, Attend and Tell's soft attention: it sees
 the encoder's grid [B, L, D] (L = H * W cells) and at every word looks again at the cells.
+
+TagDecoder (decoder.inputs: tags) is a CaptionDecoder started from the photo's tags instead of its
+features: the tag decoder that writes the captions of photos the photo decoder does not know
+(routing.py; how it is trained and helped along: fallback.py).
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .concepts import ConceptWords, Tag, default_concept_words
 from .config import DecoderConfig
 
 CELLS = {"lstm": nn.LSTM, "gru": nn.GRU, "rnn": nn.RNN}
@@ -118,10 +123,40 @@ class AttentionDecoder(nn.Module):
         return torch.log_softmax(self.out(output).float(), dim=-1), state
 
 
+class TagDecoder(CaptionDecoder):
+    """A caption decoder whose initial state comes from a tag vector [W] instead of CNN features;
+    `tag_vector` turns the encoder's class probabilities into it."""
+
+    def __init__(self, vocab_size: int, feature_dim: int, config: DecoderConfig,
+                 concept_words: ConceptWords | None = None):
+        super().__init__(vocab_size, feature_dim, config)
+        self.concept_words = concept_words or default_concept_words()
+        size = len(self.concept_words.words)
+        self.feature_norm = nn.Identity()  # probabilities: their size is the message
+        self.feature_dropout = nn.Identity()  # the training noise already drops tags, as the classifier misses them
+        self.init_h = nn.Linear(size, config.num_layers * config.hidden_dim)
+        nn.init.normal_(self.init_h.weight, std=1.0)  # a tag is an embedding row, strong from the start
+        self.init_c = nn.Linear(size, config.num_layers * config.hidden_dim) if config.cell == "lstm" else None
+
+    def tag_vector(self, class_probs: torch.Tensor) -> torch.Tensor:
+        """The encoder's class probabilities [B, 1000] -> tag vectors [B, W]: the top tags' probabilities,
+        scaled to sum to 1. On a strange photo the head spreads itself over classes no caption word names
+        (bears at 0.2), and the unscaled weak tags read as "no tag": "a cat sitting on a wooden bench".
+        Scaled, the photo is what the head can name of it: "a polar bear walking in the grass"."""
+        return self.tag_vectors(self.concept_words.tags(class_probs)).to(class_probs.device)
+
+    def tag_vectors(self, tags: list[list[Tag]]) -> torch.Tensor:
+        """Each image's tags (ConceptWords.tags) -> its tag vector [W], as `tag_vector` makes it; on the CPU."""
+        vector = torch.zeros(len(tags), len(self.concept_words.words))
+        position = {word: i for i, word in enumerate(self.concept_words.words)}
+        for row, image_tags in enumerate(tags):
+            for word, probability in image_tags:
+                vector[row, position[word]] = probability
+        return vector / vector.sum(1, keepdim=True).clamp_min(1e-6)
+
+
 def build_decoder(vocab_size: int, feature_dim: int, config: DecoderConfig) -> nn.Module:
     if config.inputs == "tags":
-        from .fallback import TagDecoder
-
         return TagDecoder(vocab_size, feature_dim, config)
     return (AttentionDecoder if config.attention else CaptionDecoder)(vocab_size, feature_dim, config)
 

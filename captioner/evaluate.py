@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from .checkpoint import CheckpointError, load_checkpoint, load_domain, load_fallback
-from .config import Config, apply_override
+from .config import Config
 from .data import CaptionDataset, ImageRecord, load_dataset
+from .describe import decode_features
 from .distributed import SINGLE, Ranks, shard, unshard, unshard_features
-from .encoder import Encoder, encoder_from_config
+from .encoder import Encoder
 from .features import FeatureTable, cached_features
 from .files import write_text_atomic
-from .inference import DECODE_BATCH, DEFAULT_CHECKPOINT, Captioner, decode_features, resolve_device
+from .inference import DECODE_BATCH, DEFAULT_CHECKPOINT, Captioner
+from .onnx_runtime import encoder_from_config
 from .metrics import caption_scores, overlap_scores, without_person_dog
 from .text import Vocabulary, tokenize
 
@@ -46,9 +47,13 @@ def prepare_features(config: Config, dataset: CaptionDataset, device, progress: 
     table = unshard_features(table, ranks) if ranks.distributed else table
     for reason in table.failed.values() if ranks.is_main else ():
         print(f"warning: left out (unreadable image): {reason}", file=sys.stderr)
-    info = {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
+    return table, encoder_info(encoder, config)
+
+
+def encoder_info(encoder: Encoder, config: Config) -> dict:
+    """What a checkpoint records of the encoder its decoder learnt from (checked when it is loaded)."""
+    return {"name": encoder.name, "weights": config.encoder.weights, "fingerprint": encoder.fingerprint(),
             "feature_dim": encoder.feature_dim}
-    return table, info
 
 
 def readable(records: list[ImageRecord], table: FeatureTable) -> list[ImageRecord]:
@@ -75,52 +80,54 @@ def evaluate_features(decoder, vocab: Vocabulary, features: torch.Tensor, record
     return caption_scores(references, [c.split() for c in captions]), captions
 
 
-def evaluate(checkpoint: str | Path | None = None, split: str = "test", overrides: list[str] | None = None,
+def evaluate(checkpoint: str | Path | None = None, split: str = "test", settings: list[str] | None = None,
              decode_options: dict | None = None, out: str | Path | None = None, device: str = "cpu",
              progress: bool = True) -> dict:
-    """Scores of a checkpoint (default: the shipped model) on a split; `overrides` change its config."""
-    checkpoint = checkpoint or DEFAULT_CHECKPOINT
-    config, vocab, decoder, payload = load_checkpoint(checkpoint)
-    values = config.to_dict()
-    for override in overrides or []:
-        apply_override(values, override)
-    for key, value in (decode_options or {}).items():
-        if value is not None:
-            values["decode"][key] = value
-    config = Config.from_dict(values, source=f"{checkpoint} with overrides")
-    device = resolve_device(device)
-    encoder = encoder_from_config(config.encoder)
-    if encoder.fingerprint() != payload["encoder"].get("fingerprint"):
-        raise CheckpointError(f"{checkpoint}: trained on features of {payload['encoder'].get('name')} "
-                              f"(fingerprint {payload['encoder'].get('fingerprint')}), but the encoder here is "
-                              f"{encoder.name} ({encoder.fingerprint()})")
+    """Scores of a checkpoint (default: the shipped model) on a split; `settings` change its config."""
+    decode = [f"decode.{key}={value}" for key, value in (decode_options or {}).items() if value is not None]
+    captioner = Captioner.from_checkpoint(checkpoint, device, [*(settings or []), *decode])
+    config = captioner.config
     dataset = load_dataset(config.data)
     for note in dataset.notes:
         print(f"note: {note}", file=sys.stderr)
     records = dataset.split(split)
-    table, _ = prepare_features(config, replace(dataset, splits={split: records}), device, progress, encoder)
+    table, _ = prepare_features(config, replace(dataset, splits={split: records}), captioner.device, progress,
+                                captioner.encoder)
     records = readable(records, table)
     features = table.lookup([r.path for r in records])
-    domain = load_domain(payload, checkpoint)
-    captioner = Captioner(config, vocab, decoder, encoder, str(device), domain, load_fallback(payload, checkpoint))
-    described = []  # the path `captioner caption` takes: unsure photos are written from tags with a fallback
+    described = []  # the path `captioner caption` takes: routing, tag decoder and all
     for start in tqdm(range(0, len(features), DECODE_BATCH), desc="decoding", disable=not progress, file=sys.stderr):
-        described += [c[0] for c in captioner.describe(features[start:start + DECODE_BATCH].to(device), config.decode)]
+        described += [c[0] for c in captioner.describe(features[start:start + DECODE_BATCH].to(captioner.device))]
     captions = [c.text for c in described]
     references = [[tokenize(c) for c in r.captions] for r in records]
     scores = caption_scores(references, [c.split() for c in captions])
     subset = without_person_dog(references)
     subset_scores = overlap_scores([references[i] for i in subset], [captions[i].split() for i in subset]) \
         if subset else None
-    result = {"checkpoint": str(checkpoint), "dataset": dataset.name, "split": split, "images": len(records),
-              "beam_size": config.decode.beam_size, "max_length": config.decode.max_length,
+    result = {"checkpoint": str(checkpoint or DEFAULT_CHECKPOINT), "dataset": dataset.name, "split": split,
+              "images": len(records), "beam_size": config.decode.beam_size, "max_length": config.decode.max_length,
               "length_penalty": config.decode.length_penalty,
               "no_repeat_ngram_size": config.decode.no_repeat_ngram_size, **scores,
               "without_person_dog": subset_scores,
-              "unsure": sum(c.unsure for c in described) / len(described) if domain else None,
+              "unsure": sum(c.unsure for c in described) / len(described) if captioner.writer.domain else None,
               "from_tags": sum(c.from_tags for c in described) / len(described)}
     if out:
         rows = [{"path": str(r.path), "caption": c, "references": r.captions} for r, c in zip(records, captions)]
         write_text_atomic(Path(out), "".join(json.dumps(row) + "\n" for row in rows))
         print(f"wrote {len(rows)} captions to {out}", file=sys.stderr)
     return result
+
+
+def scores_text(result: dict) -> str:
+    """evaluate's result as the line the command prints."""
+    def scores(values: dict) -> str:
+        return (", ".join(f"BLEU-{n} {values[f'bleu{n}']:.4f}" for n in range(1, 5))
+                + f", CIDEr-D {values['cider_d']:.4f}, ROUGE-L {values['rouge_l']:.4f}")
+
+    line = f"{result['dataset']} {result['split']} ({result['images']} images), beam {result['beam_size']}: "
+    if result["person_dog_hallucination"] is None:
+        return line + scores(result) + "; person/dog hallucination n/a (every image's references name a person " \
+                                       "or a dog)"
+    return (line + scores(result) + f"; person/dog hallucination {result['person_dog_hallucination']:.4f} on the "
+            f"{result['images_without_person_dog']} images whose references name neither, there "
+            + scores(result["without_person_dog"]))

@@ -12,7 +12,7 @@ A caption (greedy): state = init(features); token = <bos>; repeat up to max_leng
 step(token, state); forbid <pad>, <bos>, <unk> (and <eos> before min_length, and any word that would repeat an
 n-gram of no_repeat_ngram_size); token = argmax; stop at <eos>. tests/test_onnx.py does exactly this with
 numpy and onnxruntime and gets the package's greedy captions. (Beam search, the familiarity profile behind
-`confidence` and the fallback decoder for unsure photos are not exported.)
+`confidence`, the tag decoder and the routing between decoders are not exported.)
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from torch import nn
 
 from .checkpoint import load_checkpoint
 from .concepts import MIN_TAG_PROBABILITY, TOP_TAGS, default_concept_words
-from .config import Config, ConfigError, apply_override
-from .encoder import EncoderError, encoder_from_config
-from .onnx_runtime import (OPSET, EncoderGraph, export_decoder_step, export_encoder, export_module, graph_path,
-                           state_names)
+from .config import ConfigError, with_settings
+from .encoder import EncoderError
+from .onnx_runtime import (OPSET, EncoderGraph, encoder_from_config, export_decoder_step, export_encoder,
+                           export_module, graph_path, state_names)
 from .search import NEVER_EMITTED
 
 FORMAT, VERSION = "captioner-onnx", 1
@@ -60,24 +60,19 @@ def export_decoder(decoder, feature_shape: tuple[int, ...], out_dir: Path) -> di
                              "state_batch_axis": 1}}
 
 
-def export_onnx(checkpoint: str | Path, out_dir: str | Path, decode_overrides: list[str] = (),
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, settings: list[str] = (),
                 int8: bool | None = None) -> dict:
     """Write the ONNX model of a checkpoint to `out_dir`; returns captioner.json's content.
 
+    `settings` change the config written to captioner.json, as `--set` does (config.with_settings).
     int8: True requires the int8 encoder (made by `captioner calibrate-int8`), False leaves it out, None adds it
     when there is one.
     """
     config, vocab, decoder, payload = load_checkpoint(checkpoint)
     if config.decoder.inputs != "features":
-        raise ConfigError(f"{checkpoint}: a fallback decoder alone cannot be exported; export the model that "
+        raise ConfigError(f"{checkpoint}: a tag decoder alone cannot be exported; export the model that "
                           f"carries it")
-    if decode_overrides:
-        values = config.to_dict()
-        for override in decode_overrides:
-            if not override.startswith("decode."):
-                raise ConfigError(f"export --set {override}: only decode.* settings can change in an export")
-            apply_override(values, override)
-        config = Config.from_dict(values, source=f"export --set {' '.join(decode_overrides)}")
+    config = with_settings(config, list(settings), f"export of {checkpoint}")
     config.encoder.runtime, config.encoder.precision = "torch", "fp32"  # the torch weights are what is exported
     encoder = encoder_from_config(config.encoder)
     out = Path(out_dir)

@@ -1,7 +1,7 @@
 """When a photo is unlike anything the model learned from: a caption written from its tags.
 
-The scene decoder learned Flickr8k's world of people and dogs from 6,000 photos, and writes that
-world into any photo. For photos it is unsure of (confidence.py), a second, small decoder
+The photo decoder learned Flickr8k's world of people and dogs from 6,000 photos, and writes that
+world into any photo. For photos it does not know (routing.py), a second, small decoder
 captions from what the encoder's ImageNet head sees instead: the photo's tags (concepts.py), as
 the initial state of a GRU (the "attributes into the LSTM" idea of LSTM-A, Yao et al. 2017). It
 learns from captions alone, with no photos (as DCC and NOC taught novel objects from unpaired
@@ -26,10 +26,9 @@ import random
 import torch
 from torch import nn
 
-from .concepts import ConceptWords, Tag, default_concept_words
-from .config import DecoderConfig
+from .concepts import ConceptWords
 from .decoder import CaptionDecoder
-from .metrics import PERSON_WORDS, mentions_dog
+from .routing import PERSON_WORDS, mentions_dog
 from .text import Vocabulary
 
 BORROW_MIN_SIMILARITY = 0.2  # below it the nearest sayable word is no stand-in (gun -> vest 0.14)
@@ -163,35 +162,3 @@ class OnceOnlyWords:
         written[0, torch.arange(len(tokens), device=tokens.device), tokens] = True
         once_only = self.once_only.to(written.device)
         return log_probs.masked_fill(written[0] & once_only, float("-inf")), (inner, written)
-
-
-class TagDecoder(CaptionDecoder):
-    """A caption decoder whose initial state comes from a tag vector [W] instead of CNN features;
-    `tag_vector` turns the encoder's class probabilities into it."""
-
-    def __init__(self, vocab_size: int, feature_dim: int, config: DecoderConfig,
-                 concept_words: ConceptWords | None = None):
-        super().__init__(vocab_size, feature_dim, config)
-        self.concept_words = concept_words or default_concept_words()
-        size = len(self.concept_words.words)
-        self.feature_norm = nn.Identity()  # probabilities: their size is the message
-        self.feature_dropout = nn.Identity()  # the training noise already drops tags, as the classifier misses them
-        self.init_h = nn.Linear(size, config.num_layers * config.hidden_dim)
-        nn.init.normal_(self.init_h.weight, std=1.0)  # a tag is an embedding row, strong from the start
-        self.init_c = nn.Linear(size, config.num_layers * config.hidden_dim) if config.cell == "lstm" else None
-
-    def tag_vector(self, class_probs: torch.Tensor) -> torch.Tensor:
-        """The encoder's class probabilities [B, 1000] -> tag vectors [B, W]: the top tags' probabilities,
-        scaled to sum to 1. On a strange photo the head spreads itself over classes no caption word names
-        (bears at 0.2), and the unscaled weak tags read as "no tag": "a cat sitting on a wooden bench".
-        Scaled, the photo is what the head can name of it: "a polar bear walking in the grass"."""
-        return self.tag_vectors(self.concept_words.tags(class_probs)).to(class_probs.device)
-
-    def tag_vectors(self, tags: list[list[Tag]]) -> torch.Tensor:
-        """Each image's tags (ConceptWords.tags) -> its tag vector [W], as `tag_vector` makes it; on the CPU."""
-        vector = torch.zeros(len(tags), len(self.concept_words.words))
-        position = {word: i for i, word in enumerate(self.concept_words.words)}
-        for row, image_tags in enumerate(tags):
-            for word, probability in image_tags:
-                vector[row, position[word]] = probability
-        return vector / vector.sum(1, keepdim=True).clamp_min(1e-6)

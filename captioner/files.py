@@ -71,7 +71,9 @@ def plot_curves(runs: dict[str, list[dict]], path: str | Path, reward_name: str 
         epochs = [row["epoch"] for row in history]
         left.plot(epochs, [row["train_reward" if self_critical else "train_loss"] for row in history], marker=".",
                   color=color, label=name or None)
-        right.plot(epochs, [row["dev_bleu4"] for row in history], marker=".", color=color, label=name or None)
+        scored = [row for row in history if "dev_bleu4" in row]  # a run without a dev set has no dev curve
+        right.plot([row["epoch"] for row in scored], [row["dev_bleu4"] for row in scored], marker=".", color=color,
+                   label=name or None)
     if self_critical:
         left.set(title="reward of sampled captions", xlabel="epoch", ylabel=reward_name)
     else:

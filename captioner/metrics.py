@@ -14,6 +14,8 @@ import math
 import warnings
 from collections import Counter
 
+from .routing import mentions_dog, mentions_person
+
 BLEU_WEIGHTS = {
     "bleu1": (1.0,),
     "bleu2": (0.5, 0.5),
@@ -144,31 +146,6 @@ def rouge_l(references: list[list[list[str]]], hypotheses: list[list[str]], beta
         if precision and recall:
             total += (1 + beta ** 2) * precision * recall / (recall + beta ** 2 * precision)
     return total / len(hypotheses)
-
-
-# Left out as ambiguous: couple ("a couple of"), pitcher (a jug), batter (cake batter), runner
-# (table runner), passenger ("passenger train"), family ("family room"), pronouns. Left out too:
-# catcher ("dream catcher") and worker, which would mark as showing a person two images that
-# coco-ood-dev's mentions_person flags call person-free (a catcher squatting on the dirt, a lunch
-# tray that one reference says "a worker plans to eat").
-PERSON_WORDS = frozenset("""
-    person people man men woman women gentleman gentlemen lady ladies guy guys
-    boy boys girl girls child children kid kids baby babies toddler toddlers teenager teenagers adult adults
-    player players skier skiers surfer surfers skateboarder skateboarders snowboarder snowboarders
-    skater skaters rider riders biker bikers cyclist cyclists climber climbers swimmer swimmers
-    dancer dancers tourist tourists pedestrian pedestrians chef chefs umpire umpires crowd
-""".split())
-DOG_WORDS = frozenset("dog dogs doggy doggie puppy puppies pup pups".split())
-FOOD_BEFORE_DOG = frozenset(("hot", "corn"))  # "hot dog", "corn dogs": food, not animals
-
-
-def mentions_person(tokens: list[str]) -> bool:
-    return any(token in PERSON_WORDS for token in tokens)
-
-
-def mentions_dog(tokens: list[str]) -> bool:
-    return any(token in DOG_WORDS and (i == 0 or tokens[i - 1] not in FOOD_BEFORE_DOG)
-               for i, token in enumerate(tokens))
 
 
 def without_person_dog(references: list[list[list[str]]]) -> list[int]:

@@ -1,10 +1,13 @@
 """The CNN and the decoder's step on ONNX Runtime: the same numbers as PyTorch, faster on a CPU (bench/speed.py).
 
-`Encoder` (encoder.py) runs its backbone here when its runtime is onnx (the default on a CPU when
-onnxruntime is installed, as `pip install -e .` does). The graph is exported from the encoder's own torch
-weights the first time it is needed; for the pretrained weights it is kept in the user cache (`cache_dir()`,
-named by the encoder's name, weights fingerprint and transform), so later processes only load it. fp32 features match
-PyTorch's to about 1e-5. int8 graphs are made by `captioner calibrate-int8` (quantize.py) and found here.
+This module chooses the CNN's runtime on a CPU (`resolve_runtime`): onnx is the default when onnxruntime is
+installed, as `pip install -e .` does. `encoder_from_config` (or `build_encoder`) builds the torch `Encoder`
+(encoder.py) and, for onnx, attaches an `OnnxEncoderSession` that runs its CNN here. The graph is exported from
+the encoder's own torch weights the first time it is needed; for the pretrained weights it is kept in the user
+cache (`cache_dir()`, named by the encoder's name, weights fingerprint and transform), so later processes only
+load it. fp32 features match PyTorch's to about 1e-5. int8 graphs are made by `captioner calibrate-int8`
+(quantize.py) and found here (`int8_graph`), their file's hash naming the calibration in the feature cache's
+key (`int8_digest`).
 
 Graph: input `images` [B, 3, S, S] float32 (the transform's output); outputs `pooled` [B, D], `grid`
 [B, D, H, W] and `class_probs` [B, 1000] (the CNN's own ImageNet head, for other runtimes: export_onnx.py).
@@ -28,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .encoder import EncoderError
+from .encoder import Encoder, EncoderError, encoder_spec
 from .files import write_atomic
 
 OPSET = 17
@@ -44,6 +47,41 @@ class OnnxRuntimeError(EncoderError):
 def onnx_available() -> bool:
     """onnxruntime runs graphs; onnx (torch's exporter needs it) builds them."""
     return all(importlib.util.find_spec(name) is not None for name in ("onnxruntime", "onnx"))
+
+
+def resolve_runtime(runtime: str = "auto", precision: str = "fp32") -> tuple[str, str]:
+    """(runtime, precision) for a CPU: auto is ONNX Runtime when installed (int8 needs it), else torch."""
+    if runtime not in ("auto", "torch", "onnx"):
+        raise EncoderError(f"unknown runtime {runtime!r}; choose auto, torch or onnx")
+    if precision not in ("fp32", "int8"):
+        raise EncoderError(f"unknown precision {precision!r}; choose fp32 or int8")
+    if runtime == "torch" and precision == "int8":
+        raise EncoderError("int8 runs on ONNX Runtime: use runtime onnx (or auto)")
+    if runtime == "auto":
+        runtime = "onnx" if onnx_available() else "torch"
+        if runtime == "torch" and precision == "int8":
+            raise EncoderError("int8 needs ONNX Runtime: pip install onnxruntime onnx")
+    elif runtime == "onnx" and not onnx_available():
+        raise EncoderError("runtime onnx needs ONNX Runtime: pip install onnxruntime onnx")
+    return runtime, precision
+
+
+def build_encoder(name: str = "efficientnet_lite0", weights: str = "default", image_size: int = 224,
+                  runtime: str = "auto", precision: str = "fp32") -> Encoder:
+    """The encoder whose CNN runs on `runtime` (and `precision`) on a CPU: the torch Encoder, with an
+    OnnxEncoderSession attached for onnx. A bad choice fails before the weights load (torchvision may download
+    them); a missing int8 graph fails where it is first needed: the first CPU call, or the feature cache's key."""
+    encoder_spec(name)  # an unknown encoder is named first, before a bad runtime
+    runtime, precision = resolve_runtime(runtime, precision)
+    encoder = Encoder(name, weights, image_size)
+    if runtime == "onnx":
+        encoder.session = OnnxEncoderSession(encoder, precision)
+    return encoder
+
+
+def encoder_from_config(config) -> Encoder:
+    """build_encoder from an EncoderConfig: its name, weights, image size, runtime and precision."""
+    return build_encoder(config.name, config.weights, config.image_size, config.runtime, config.precision)
 
 
 def cache_dir() -> Path:
@@ -94,14 +132,28 @@ def encoder_graph(encoder, precision: str = "fp32") -> Path | bytes:
     """The encoder's graph: a file in the cache for the pretrained weights (exported now if missing), else bytes
     exported now (random weights, a weights file: a second or two per process, and no file left behind)."""
     if precision == "int8":
-        from .quantize import int8_graph
-
         return int8_graph(encoder)
     if encoder.weights != "default":
         buffer = io.BytesIO()
         export_encoder(encoder, buffer)
         return buffer.getvalue()
     return cached_graph(graph_path(encoder, "fp32"), lambda buffer: export_encoder(encoder, buffer))
+
+
+def int8_graph(encoder) -> Path:
+    """The int8 graph calibrated for this encoder (its weights, transform), or an error saying how to make one."""
+    path = graph_path(encoder, "int8")
+    if path.is_file():
+        return path
+    raise OnnxRuntimeError(f"no int8 graph for encoder {encoder.name} ({encoder.fingerprint()}) at "
+                           f"{encoder.transform.image_size} px in {path.parent}; make one with "
+                           f"`captioner calibrate-int8 --data-root FLICKR8K` or `--folder YOUR_PHOTOS` "
+                           f"(or use precision fp32)")
+
+
+def int8_digest(encoder) -> str:
+    """A short hash of the int8 graph's file: names its calibration in the feature cache's key."""
+    return hashlib.sha256(int8_graph(encoder).read_bytes()).hexdigest()[:10]
 
 
 def cached_graph(path: Path, export) -> Path | bytes:
@@ -325,3 +377,26 @@ class EncoderSession:
         pixels = np.ascontiguousarray(images.detach().numpy(), dtype=np.float32)
         pooled, grid = self.session.run(["pooled", "grid"], {"images": pixels})
         return torch.from_numpy(pooled), torch.from_numpy(grid)
+
+
+class OnnxEncoderSession:
+    """An encoder's CNN on ONNX Runtime, attached as the encoder's `session` (build_encoder): Encoder.forward
+    hands it CPU images. The graph is found or exported, and the EncoderSession opened, on the first call, so
+    building an encoder stays cheap and a missing int8 graph is reported when it is first needed."""
+
+    runtime = "onnx"
+
+    def __init__(self, encoder: Encoder, precision: str = "fp32"):
+        self.encoder, self.precision = encoder, precision
+        self._session: EncoderSession | None = None
+
+    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._session is None:
+            self._session = EncoderSession(encoder_graph(self.encoder, self.precision))
+        return self._session(images)
+
+    def key(self) -> str:
+        """The runtime's part of the feature cache's key; for int8, which calibration too (a new one, new features)."""
+        if self.precision == "int8":
+            return f"onnx-int8-{int8_digest(self.encoder)}"
+        return f"onnx-{self.precision}"

@@ -8,7 +8,8 @@ channel (7 bits where a convolution runs as a matrix product, 8 in the depthwise
 with ranges measured (min/max) on the calibration photos. EfficientNet-Lite was
 designed for this (ReLU6, no squeeze-excite). The pooling, the ImageNet head and its softmax stay in float, so
 the pooled features the decoder reads are averages of the int8 grid, not rounded again. The result is kept in
-the user cache next to the fp32 graph; `--precision int8` (encoder.precision: int8) uses it.
+the user cache next to the fp32 graph, where onnx_runtime.int8_graph finds it for `--precision int8`
+(encoder.precision: int8).
 """
 from __future__ import annotations
 
@@ -21,28 +22,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .onnx_runtime import OnnxRuntimeError, encoder_graph, graph_path, write_graph
+from .onnx_runtime import OnnxRuntimeError, encoder_from_config, encoder_graph, graph_path, write_graph
 
 CALIBRATION_IMAGES = 256
 FLOAT_OPS = ("ReduceMean", "Gemm", "MatMul", "Softmax", "Flatten")  # pooling and the head stay fp32
-
-
-def int8_graph(encoder) -> Path:
-    """The int8 graph calibrated for this encoder (its weights, transform), or an error saying how to make one."""
-    path = graph_path(encoder, "int8")
-    if path.is_file():
-        return path
-    raise OnnxRuntimeError(f"no int8 graph for encoder {encoder.name} ({encoder.fingerprint()}) at "
-                           f"{encoder.transform.image_size} px in {path.parent}; make one with "
-                           f"`captioner calibrate-int8 --data-root FLICKR8K` or `--folder YOUR_PHOTOS` "
-                           f"(or use precision fp32)")
-
-
-def int8_digest(encoder) -> str:
-    """A short hash of the int8 graph's file: names its calibration in the feature cache's key."""
-    import hashlib
-
-    return hashlib.sha256(int8_graph(encoder).read_bytes()).hexdigest()[:10]
 
 
 def calibration_sample(paths: Sequence[str], count: int = CALIBRATION_IMAGES, seed: int = 0) -> list[str]:
@@ -166,3 +149,32 @@ def calibrate_int8(encoder, paths: Sequence[str], out: str | Path | None = None,
                           method=method, float_convolutions=float_convolutions,
                           depthwise_weight_bits=depthwise_weight_bits)
     return target, used
+
+
+def calibrate_for_checkpoint(checkpoint: str | Path | None, data_root: str | None, folder: str | None,
+                             count: int = CALIBRATION_IMAGES, progress: bool = True, float_convolutions: int = 3,
+                             depthwise_weight_bits: int = 8) -> tuple[Path, int, str]:
+    """`captioner calibrate-int8`: int8 for the CNN of `checkpoint` (the shipped model when None), calibrated on
+    the photos of `folder` or on the training photos of the dataset at `data_root`. Returns the file written, how
+    many photos calibrated it, and where they came from, for the command's message."""
+    # Imported here: the rest of this module quantizes a graph with no checkpoint, dataset or captioner.
+    from .caption import collect_images
+    from .checkpoint import load_checkpoint
+    from .config import ConfigError
+    from .data import load_dataset
+    from .inference import DEFAULT_CHECKPOINT
+
+    config = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)[0]
+    config.encoder.runtime, config.encoder.precision = "onnx", "fp32"
+    if folder:
+        photos, problems, _ = collect_images([folder])
+        if problems:
+            raise ConfigError(problems[0][1])
+        source = f"photos of {folder}"
+    else:
+        config.data.root = data_root
+        photos = [str(record.path) for record in load_dataset(config.data).split("train")]
+        source = f"training photos of {data_root}"
+    written, used = calibrate_int8(encoder_from_config(config.encoder), photos, count=count, progress=progress,
+                                   float_convolutions=float_convolutions, depthwise_weight_bits=depthwise_weight_bits)
+    return written, used, source

@@ -7,10 +7,10 @@ The flow:
    own files, so a corrupt file becomes an error row (the local engine's ImageLoadError text) instead of a
    failed read task that stops the whole pipeline.
 3. map_batches runs a fixed pool of CaptionActor: each loads the model once, in __init__, and captions one
-   batch per call with Captioner.caption_files, the code the local engine runs.
+   batch per call with folders.caption_files, the code the local engine runs.
 4. Rows come back in input order. To FILE.jsonl / FILE.csv (or stdout) the driver writes them one by one with
    caption.write_captions, so an interrupted run resumes. To a folder, Ray writes Parquet files (write_parquet)
-   with the same columns: path, caption, score, error (null where not set).
+   with the same columns: path, caption, score, confidence, unsure, from_tags, tags, error (null where not set).
 
 Images, checkpoint and the captioner package must be reachable under the same paths on every node (a shared
 filesystem); relative paths are taken from the driver's working directory.
@@ -28,6 +28,7 @@ import torch
 from .caption import (EXIT_SOME_FAILED, CaptionPlan, caption_row, error_row, is_folder_output, plan_captioning,
                       write_captions)
 from .config import ConfigError
+from .folders import caption_files
 from .inference import Captioner
 
 ROWS_PER_PARQUET_FILE = 100_000  # not one small file per batch
@@ -59,17 +60,18 @@ def pool_layout(cluster_cpus: float) -> tuple[int, float, int]:
 class CaptionActor:
     """One model per actor process, loaded once; each call captions one batch of file names."""
 
-    def __init__(self, checkpoint: str | None, decode_options: dict, torch_threads: int, driver_cwd: str):
+    def __init__(self, checkpoint: str | None, settings: list[str], decode_options: dict, torch_threads: int,
+                 driver_cwd: str):
         torch.set_num_threads(torch_threads)
         if os.path.isdir(driver_cwd):  # relative paths then name the files the driver found
             os.chdir(driver_cwd)
-        self.captioner = Captioner.from_checkpoint(checkpoint)
+        self.captioner = Captioner.from_checkpoint(checkpoint, settings=settings)
         self.decode_options = decode_options
 
     def __call__(self, batch):
         paths = [os.fsdecode(name) for name in batch["file"].to_pylist()]  # bytes: any file name survives Arrow
         rows = [None] * len(paths)
-        for index, captions, error in self.captioner.caption_files(paths, len(paths), 0, **self.decode_options):
+        for index, captions, error in caption_files(self.captioner, paths, len(paths), 0, **self.decode_options):
             rows[index] = caption_row(paths[index], captions[0]) if error is None else error_row(paths[index], error)
         return rows_table(rows)
 
@@ -102,13 +104,15 @@ def start_ray(ray, address: str | None) -> bool:
     if address:
         ray.init(address=address, **options)
     else:
-        ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False, **options)
+        # "local": a new instance here, never a cluster that RAY_ADDRESS or `ray start` left behind
+        ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False, **options)
     return True
 
 
 def caption_with_ray(inputs: list[str], checkpoint: str | None = None, out: str | None = None,
                      batch_size: int = 16, overwrite: bool = False, progress: bool = True,
-                     address: str | None = None, device: str = "cpu", **decode_options) -> int:
+                     address: str | None = None, device: str = "cpu", settings: list[str] = (),
+                     **decode_options) -> int:
     """Caption everything under `inputs` with a pool of Ray actors; returns the exit status (0 or 3)."""
     ray = import_ray()
     if device != "cpu":
@@ -116,7 +120,8 @@ def caption_with_ray(inputs: list[str], checkpoint: str | None = None, out: str 
     parquet = is_folder_output(out)
     if parquet:
         prepare_parquet_folder(Path(out), overwrite)
-    Captioner.from_checkpoint(checkpoint).decode_options(**decode_options)  # fail here, not inside every actor
+    # A bad setting fails here, once, not inside every actor.
+    Captioner.from_checkpoint(checkpoint, settings=settings).decode_options(**decode_options)
     plan = plan_captioning(inputs, None if parquet else out, overwrite)
     if not plan.todo and not parquet:
         return write_captions(plan, [], out, progress)
@@ -126,7 +131,7 @@ def caption_with_ray(inputs: list[str], checkpoint: str | None = None, out: str 
         context.execution_options.preserve_order = True
         context.enable_progress_bars = progress and parquet  # JSONL/CSV: write_captions shows its own bar
         logging.getLogger("ray.data").setLevel(logging.ERROR)
-        captions = caption_dataset(ray, plan.todo, checkpoint, decode_options, batch_size)
+        captions = caption_dataset(ray, plan.todo, checkpoint, list(settings), decode_options, batch_size)
         if parquet:
             return write_parquet(ray, plan, captions, out)
         rows = (row for table in captions.iter_batches(batch_size=None, batch_format="pyarrow")
@@ -137,15 +142,17 @@ def caption_with_ray(inputs: list[str], checkpoint: str | None = None, out: str 
             ray.shutdown()
 
 
-def caption_dataset(ray, paths: list[str], checkpoint: str | None, decode_options: dict, batch_size: int):
+def caption_dataset(ray, paths: list[str], checkpoint: str | None, settings: list[str], decode_options: dict,
+                    batch_size: int):
     actors, cpus_each, threads = pool_layout(ray.cluster_resources().get("CPU", 1))
     files = ray.data.from_items([{"file": os.fsencode(path)} for path in paths],
                                 override_num_blocks=max(1, math.ceil(len(paths) / batch_size)))
     checkpoint = str(Path(checkpoint).resolve()) if checkpoint else None
     return files.map_batches(CaptionActor, batch_size=batch_size, batch_format="pyarrow",
                              compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=cpus_each,
-                             fn_constructor_kwargs=dict(checkpoint=checkpoint, decode_options=decode_options,
-                                                        torch_threads=threads, driver_cwd=os.getcwd()))
+                             fn_constructor_kwargs=dict(checkpoint=checkpoint, settings=settings,
+                                                        decode_options=decode_options, torch_threads=threads,
+                                                        driver_cwd=os.getcwd()))
 
 
 def prepare_parquet_folder(folder: Path, overwrite: bool) -> None:

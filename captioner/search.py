@@ -1,6 +1,6 @@
-"""Decoding: greedy, beam and constrained beam search, all batched (beam search over images x beams,
-constrained beam search over images x constraint states x beams; beam search of a single image keeps
-its few beams' bookkeeping in numpy, where torch's per-op cost would match the decoder step's).
+"""Decoding: greedy and beam search, both batched (beam search over images x beams; beam search of a
+single image keeps its few beams' bookkeeping in numpy, where torch's per-op cost would match the decoder
+step's).
 
 A model here is anything with `init_state(features) -> state` and
 `step(last_tokens [N], state) -> (log_probs [N, V], state)`, the state's batch on dim 1.
@@ -27,6 +27,7 @@ import functools
 import heapq
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -131,20 +132,150 @@ def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: i
     if features.size(0) == 1:
         return [_one_image_search(model, features, beam_size, max_length, min_length, no_repeat_ngram_size,
                                   length_penalty, n_best)]
-    return [hyps for hyps, _ in _search(model, features, None, torch.zeros(features.size(0), dtype=torch.long),
-                                        beam_size, max_length, min_length, no_repeat_ngram_size,
-                                        length_penalty, n_best)]
+    return _search(model, features, beam_size, max_length, min_length, no_repeat_ngram_size, length_penalty, n_best)
+
+
+class _Candidates(NamedTuple):
+    """The best (beam, next word) pairs of each image at one step, best first; each [n, 2k]."""
+    scores: torch.Tensor  # the beam's log-prob plus the word's
+    beam: torch.Tensor  # the beam the word extends: a row of the image's block of k rows
+    word: torch.Tensor
+    ends: torch.Tensor  # the word is <eos> and the candidate possible (a finite score)
+
+
+@dataclass
+class _Finished:
+    """The hypotheses each image of the batch has finished, and what the stopping rule reads of them."""
+    hypotheses: list[list[Hypothesis]]  # per image, in the order they finished
+    count: torch.Tensor  # [batch]: how many each image has finished
+    kept_worst: torch.Tensor  # [batch]: the n_best-th best finished score, -inf until there are n_best
+
+
+def _search(model, features, beam_size, max_length, min_length, no_repeat_ngram_size, length_penalty,
+            n_best) -> list[list[Hypothesis]]:
+    """Beam search over images x beams: each image's `n_best` best hypotheses, best first.
+
+    The i-th image still searching owns rows i*k .. i*k + k-1 of `tokens` and of the model's state.
+    An image that stops leaves the batch, so later steps decode only the images still searching."""
+    batch, k, device = features.size(0), beam_size, features.device
+    if not batch:
+        return []
+    n_best = min(n_best, k)
+    state = select_state(model.init_state(features), torch.arange(batch, device=device).repeat_interleave(k))
+    tokens = torch.full((batch * k, 1), BOS_ID, dtype=torch.long, device=device)  # [n * k, 1 + words so far]
+    scores = torch.full((batch, k), -math.inf, device=device)  # [n, k]: each beam's log-prob
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    alive = torch.arange(batch)  # [n]: the image of each block of k rows
+    finished = _Finished([[] for _ in range(batch)], torch.zeros(batch, dtype=torch.long),
+                         torch.full((batch,), -math.inf))
+    for step in range(max_length):
+        log_probs, state = model.step(tokens[:, -1], state)
+        log_probs = _mask(log_probs, tokens[:, 1:], step, min_length, no_repeat_ngram_size)  # [n * k, V]
+        candidates = _beam_step(scores, log_probs)  # [n, 2k] each
+        _record_finished(finished, candidates, tokens, alive, n_best, length_penalty)  # <eos> in the top k
+        scores, rows, words = _next_beams(candidates, k)  # the k best that do not end go on
+        tokens = torch.cat([tokens[rows], words], dim=1)  # [n * k, 2 + step]
+        state = select_state(state, rows)
+        done = _stopped(finished, alive, scores, n_best, max_length, length_penalty)
+        if done.all():
+            break
+        if done.any():
+            alive, scores, tokens, state = _without_stopped(done, alive, scores, tokens, state)
+    else:  # reached max_length: the live beams are the unfinished hypotheses
+        _add_unfinished(finished, alive, scores, tokens, n_best, length_penalty)
+    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:n_best] for hyps in finished.hypotheses]
+
+
+def _beam_step(scores: torch.Tensor, log_probs: torch.Tensor) -> _Candidates:
+    """The 2k best candidates of each image from its beams' scores [n, k] and next-word log-probs
+    [n * k, V]: twice the beam, so that k go on even when k of them end."""
+    n, k = scores.shape
+    vocab = log_probs.size(1)
+    total = (scores.view(-1, 1) + log_probs).view(n, k * vocab)  # [n, k * V]: every beam and next word
+    top_scores, top_index = total.topk(min(2 * k, k * vocab), dim=1)  # [n, 2k]
+    beam, word = top_index.div(vocab, rounding_mode="floor"), top_index.remainder(vocab)  # [n, 2k]
+    return _Candidates(top_scores, beam, word, (word == EOS_ID) & torch.isfinite(top_scores))
+
+
+def _record_finished(finished: _Finished, candidates: _Candidates, tokens: torch.Tensor, alive: torch.Tensor,
+                     n_best: int, length_penalty: float) -> None:
+    """Candidates that end with <eos> among an image's top k become its finished hypotheses."""
+    k = tokens.size(0) // alive.numel()  # rows per image
+    block, rank = candidates.ends[:, :k].nonzero().unbind(1)  # [m] each: the ending candidates
+    if not block.numel():
+        return
+    sequences = tokens[block * k + candidates.beam[block, rank], 1:].tolist()  # their words, without <bos>
+    images = alive[block.cpu()].tolist()
+    for image, log_prob, words in zip(images, candidates.scores[block, rank].tolist(), sequences):
+        finished.hypotheses[image].append(Hypothesis(words, _normalised(log_prob, len(words), length_penalty),
+                                                     log_prob, True))
+    for image in set(images):
+        finished.count[image] = len(finished.hypotheses[image])
+        if len(finished.hypotheses[image]) >= n_best:
+            scores = (h.score for h in finished.hypotheses[image])
+            finished.kept_worst[image] = heapq.nlargest(n_best, scores)[-1]  # stored in float32, as compared
+
+
+def _next_beams(candidates: _Candidates, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first k candidates of each image that do not end go on: their scores [n, k] (-inf where
+    fewer than k are left), the rows they extend [n * k] and their words [n * k, 1]."""
+    n = candidates.scores.size(0)
+    # a stable sort of the end flags puts the candidates that go on first, still best first
+    order = candidates.ends.to(torch.uint8).sort(dim=1, stable=True).indices[:, :k]  # [n, k]
+    scores = candidates.scores.gather(1, order).masked_fill(candidates.ends.gather(1, order), -math.inf)
+    first_rows = torch.arange(0, n * k, k, device=order.device).view(n, 1)  # [n, 1]: each image's block
+    rows = (first_rows + candidates.beam.gather(1, order)).view(-1)  # [n * k]
+    return scores, rows, candidates.word.gather(1, order).view(-1, 1)
+
+
+def _stopped(finished: _Finished, alive: torch.Tensor, scores: torch.Tensor, n_best: int, max_length: int,
+             length_penalty: float) -> torch.Tensor:
+    """[n] bool: the images whose result no further step can change (the rules in the module
+    docstring), and those with no live beam left."""
+    k = scores.size(1)
+    best_live = scores.amax(1).cpu()  # [n]
+    count = finished.count[alive]  # [n]
+    # a live beam can at best keep its log-prob and finish at max_length
+    done = (count >= n_best) & (finished.kept_worst[alive] >= best_live / max_length ** length_penalty)
+    if not length_penalty:
+        done |= count >= k
+    return done | (best_live == -math.inf)
+
+
+def _without_stopped(done: torch.Tensor, alive: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor,
+                     state) -> tuple:
+    """alive [n'], scores [n', k], tokens and state [n' * k] of the images still searching."""
+    k = scores.size(1)
+    keep = (~done).nonzero().squeeze(1)  # [n'], on the CPU like `alive`
+    alive = alive[keep]
+    keep = keep.to(scores.device)
+    rows = (keep.unsqueeze(1) * k + torch.arange(k, device=scores.device)).view(-1)  # [n' * k]
+    return alive, scores[keep], tokens[rows], select_state(state, rows)
+
+
+def _add_unfinished(finished: _Finished, alive: torch.Tensor, scores: torch.Tensor, tokens: torch.Tensor,
+                    n_best: int, length_penalty: float) -> None:
+    """At max_length, an image with fewer than `n_best` finished takes its live beams as unfinished
+    hypotheses (cut where they are)."""
+    k = scores.size(1)
+    for block, image in enumerate(alive.tolist()):
+        if len(finished.hypotheses[image]) >= n_best:
+            continue
+        beams = zip(scores[block].tolist(), tokens[block * k:(block + 1) * k, 1:].tolist())
+        finished.hypotheses[image] += [Hypothesis(words, _normalised(log_prob, len(words), length_penalty),
+                                                  log_prob, False)
+                                       for log_prob, words in beams if math.isfinite(log_prob)]
 
 
 def _one_image_search(model, features, beam_size, max_length, min_length, no_repeat_ngram_size,
                       length_penalty, n_best) -> list[Hypothesis]:
-    """`_search` without word sets for one image, its bookkeeping on numpy arrays and lists of a few beams.
+    """`_search` for one image, its bookkeeping on numpy arrays and lists of a few beams.
 
     The same captions and scores (tests/test_search.py compares the two on random decoders). A torch op
     on a few rows costs 5-15 us whatever its size, and `_search` spends about 30 of them a step: for one
     photo on a CPU that is as long as the decoder step itself. Here the search is 1.5x faster, and one photo
     34 -> 30 ms in bench/speed.py (results speed-one-image-search)."""
-    k, n, device = beam_size, no_repeat_ngram_size, features.device
+    k, device = beam_size, features.device
     n_best = min(n_best, k)
     state = select_state(model.init_state(features), torch.zeros(k, dtype=torch.long, device=device))
     tokens = torch.full((k,), BOS_ID, dtype=torch.long, device=device)
@@ -157,15 +288,7 @@ def _one_image_search(model, features, beam_size, max_length, min_length, no_rep
         log_probs, state = model.step(tokens, state)
         log_probs = log_probs.float().cpu().numpy()  # [k, V]; writable: the step's own output
         vocab = log_probs.shape[1]
-        log_probs[:, NEVER_EMITTED] = -np.inf
-        if step < min_length:
-            log_probs[:, EOS_ID] = -np.inf
-        if n and step >= n:
-            for row, generated in enumerate(words):
-                prefix = generated[step - n + 1:]
-                blocked = [generated[i + n - 1] for i in range(step - n + 1) if generated[i:i + n - 1] == prefix]
-                log_probs[row, blocked] = -np.inf
-        log_probs[log_probs.max(1) == -np.inf, EOS_ID] = 0.0  # every word blocked: end rather than emit garbage
+        _mask_numpy(log_probs, words, step, min_length, no_repeat_ngram_size)
         total = (scores[:, None] + log_probs).ravel()
         count = min(2 * k, total.size)
         top = np.argpartition(-total, count - 1)[:count]
@@ -197,183 +320,16 @@ def _one_image_search(model, features, beam_size, max_length, min_length, no_rep
     return sorted(finished, key=lambda h: h.score, reverse=True)[:n_best]
 
 
-@dataclass
-class ConstrainedHypothesis(Hypothesis):
-    satisfied: int  # how many of the image's word sets the caption contains
-
-
-MAX_WORD_SETS = 2  # states, and so the decoding cost, grow as 2**sets
-
-
-@torch.inference_mode()
-def constrained_beam_search(model, features: torch.Tensor, constraints: list[list[list[int]]], beam_size: int = 3,
-                            max_length: int = 20, min_length: int = 1, no_repeat_ngram_size: int = 0,
-                            length_penalty: float = 0.0, n_best: int = 1) -> list[list[ConstrainedHypothesis]]:
-    """Beam search whose captions must contain a word of each set (Anderson et al. 2017, nocaps' baseline).
-
-    `constraints[i]` lists image i's word sets (at most two), each a list of token ids (forms of one
-    word, e.g. "dog" and "dogs"); a caption satisfies a set when it contains any of its ids. An
-    image without sets gets exactly `beam_search`'s captions. A finite-state machine tracks which
-    sets a hypothesis has satisfied (one state per subset) and each state keeps its own beam of
-    `beam_size`; hypotheses may end in any state, but the image is decoded, ranked and stopped
-    like `beam_search` on the all-satisfied state's finished hypotheses alone. When that state has
-    fewer than `n_best` finished by `max_length`, its unfinished ones fill in; when it has none at
-    all, the best hypotheses of the most-satisfied state that has any are returned instead
-    (`satisfied` says how many sets they contain).
-    """
-    if len(constraints) != features.size(0):
-        raise ValueError(f"{len(constraints)} constraint lists for {features.size(0)} images")
-    if any(len(sets) > MAX_WORD_SETS for sets in constraints):
-        raise ValueError(f"at most {MAX_WORD_SETS} word sets per image")
-    if any(not ids for sets in constraints for ids in sets):
-        raise ValueError("an empty word set can never be satisfied")
-    if any(token in (*NEVER_EMITTED, EOS_ID) for sets in constraints for ids in sets for token in ids):
-        raise ValueError("constraint ids must be words, not <pad>, <bos>, <eos> or <unk>")
-    word_bits: dict[tuple[int, int], int] = {}  # (image, token id) -> the sets it satisfies, one bit each
-    for image, sets in enumerate(constraints):
-        for bit, ids in enumerate(sets):
-            for token in ids:
-                word_bits[image, int(token)] = word_bits.get((image, int(token)), 0) | 1 << bit
-    goal = torch.tensor([(1 << len(sets)) - 1 for sets in constraints], dtype=torch.long)
-    return [[ConstrainedHypothesis(h.tokens, h.score, h.log_prob, h.finished, satisfied) for h in hyps]
-            for hyps, satisfied in _search(model, features, word_bits, goal, beam_size, max_length, min_length,
-                                           no_repeat_ngram_size, length_penalty, n_best)]
-
-
-def _search(model, features, word_bits: dict | None, goal: torch.Tensor, beam_size, max_length, min_length,
-            no_repeat_ngram_size, length_penalty, n_best) -> list[tuple[list[Hypothesis], int]]:
-    """Beam search over images x states x beams: a word moves a hypothesis from state s to
-    s | word_bits[image, word] (a bit per word set), and each state keeps the best `beam_size`
-    that reach it. `goal[i]` is image i's all-satisfied state. Per image: the hypotheses, and how
-    many sets they satisfy. With no word sets there is one state and this is plain beam search."""
-    batch, k, device = features.size(0), beam_size, features.device
-    if not batch:
-        return []
-    n_best = min(n_best, k)
-    goals = goal.tolist()
-    n_states = 1 << max(goals, default=0).bit_length()
-    width = n_states * k  # rows per image
-    state = select_state(model.init_state(features), torch.arange(batch, device=device).repeat_interleave(width))
-    tokens = torch.full((batch * width, 1), BOS_ID, dtype=torch.long, device=device)
-    scores = torch.full((batch, n_states, k), -math.inf, device=device)
-    scores[:, 0, 0] = 0.0  # all beams start identical in the empty state: expand only the first
-    alive = torch.arange(batch)  # which image each row block belongs to
-    finished = [[[] for _ in range(n_states)] for _ in range(batch)]  # per image, per state
-    goal_finished = torch.zeros(batch, dtype=torch.long)
-    kept_worst = torch.full((batch,), -math.inf)  # n_best-th best finished score in the goal state
-    longest = max_length ** length_penalty  # a finished caption's length is at most max_length
-    cut = [[[] for _ in range(n_states)] for _ in range(batch)]  # per image, per state: unfinished at max_length
-    bits = None  # [batch, V]: word_bits as a table, once the vocabulary size is known
-    columns = None  # [batch, C]: each image's constraint ids, padded with <pad>
-
-    for step in range(max_length):
-        n = alive.numel()
-        log_probs, state = model.step(tokens[:, -1], state)
-        log_probs = _mask(log_probs, tokens[:, 1:], step, min_length, no_repeat_ngram_size)
-        vocab = log_probs.size(1)
-        if bits is None and n_states > 1:
-            bits, columns = (t.to(device) for t in _bits_table(word_bits, batch, vocab))
-        total = (scores.view(-1, 1) + log_probs).view(n, n_states, k, vocab)
-        if n_states == 1:
-            top_scores, top_index = total.view(n, 1, k * vocab).topk(min(2 * k, k * vocab), dim=2)  # [n, 1, 2k]
-            origin, word = top_index.div(vocab, rounding_mode="floor"), top_index.remainder(vocab)  # origin: a row of the image's block
-        else:
-            top_scores, origin, word = _constrained_top(total, bits[alive.to(device)], columns[alive.to(device)], 2 * k)
-        ends = (word == EOS_ID) & torch.isfinite(top_scores)
-
-        ended = ends[:, :, :k].nonzero()
-        if ended.numel():
-            row, to, j = ended.unbind(1)
-            sequences = tokens[row * width + origin[row, to, j], 1:].tolist()
-            reached = set()
-            for image, s, total_lp, words in zip(alive[row.cpu()].tolist(), to.tolist(),
-                                                 top_scores[row, to, j].tolist(), sequences):
-                finished[image][s].append(Hypothesis(words, _normalised(total_lp, len(words), length_penalty),
-                                                     total_lp, True))
-                if s == goals[image]:
-                    goal_finished[image] += 1
-                    reached.add(image)
-            for image in reached:
-                if goal_finished[image] >= n_best:
-                    kept_worst[image] = heapq.nlargest(n_best, (h.score for h in finished[image][goals[image]]))[-1]
-
-        order = ends.to(torch.uint8).sort(dim=2, stable=True).indices[:, :, :k]  # the first k that go on
-        scores = top_scores.gather(2, order).masked_fill(ends.gather(2, order), -math.inf)
-        first_rows = torch.arange(0, n * width, width, device=device).view(n, 1, 1)  # of each image's block
-        rows = (first_rows + origin.gather(2, order)).view(-1)
-        tokens = torch.cat([tokens[rows], word.gather(2, order).view(-1, 1)], dim=1)
-        state = select_state(state, rows)
-
-        best_live = scores.view(n, -1).amax(1).cpu()
-        done = (goal_finished[alive] >= n_best) & (kept_worst[alive] >= best_live / longest)
-        if not length_penalty:
-            done |= goal_finished[alive] >= k
-        done |= best_live == -math.inf
-        if done.all():
-            break
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)
-            alive = alive[keep]
-            keep = keep.to(device)
-            scores = scores[keep]
-            rows = (keep.unsqueeze(1) * width + torch.arange(width, device=device)).view(-1)
-            tokens, state = tokens[rows], select_state(state, rows)
-    else:  # reached max_length: the live beams are the unfinished hypotheses
-        for i, image in enumerate(alive.tolist()):
-            for r, (total_lp, words) in enumerate(zip(scores[i].view(-1).tolist(),
-                                                      tokens[i * width:(i + 1) * width, 1:].tolist())):
-                if math.isfinite(total_lp):
-                    cut[image][r // k].append(Hypothesis(words, _normalised(total_lp, len(words), length_penalty),
-                                                         total_lp, False))
-
-    results = []
-    for image, target in enumerate(goals):
-        pool = finished[image][target] + (cut[image][target] if len(finished[image][target]) < n_best else [])
-        satisfied = bin(target).count("1")
-        while not pool and satisfied:  # goal never reached: the most-satisfied states that have anything
-            satisfied -= 1
-            pool = [h for s in range(n_states) if s & target == s and bin(s).count("1") == satisfied
-                    for h in finished[image][s] + cut[image][s]]
-        results.append((sorted(pool, key=lambda h: h.score, reverse=True)[:n_best], satisfied))
-    return results
-
-
-def _constrained_top(total: torch.Tensor, bits: torch.Tensor, columns: torch.Tensor, count: int):
-    """The best `count` moves into each state, from total [n, states, k, V] (log-prob of every beam
-    and next word) -> scores, origin (a row of the image's states x k block) and word, each [n, states, count].
-
-    A word moves a beam from state s to s | bits[word]. Most words leave it where it is: those
-    candidates are the state's own k x V block, masked where the word would move it on; the few
-    that move it (the image's constraint ids, `columns`) are gathered from every state."""
-    n, n_states, k, vocab = total.shape
-    states = torch.arange(n_states, device=total.device).view(1, n_states, 1)
-    stays = (states | bits.unsqueeze(1)) == states  # [n, state, V]
-    same = total.masked_fill(~stays.unsqueeze(2), -math.inf).view(n, n_states, k * vocab)
-    moves = total.gather(3, columns.view(n, 1, 1, -1).expand(n, n_states, k, -1))  # [n, from, k, C]
-    target = states | bits.gather(1, columns).unsqueeze(1)  # [n, from, C]
-    lands = (target.unsqueeze(1) == states.unsqueeze(3)) & (target != states).unsqueeze(1)  # [n, to, from, C]
-    cross = moves.unsqueeze(1).masked_fill(~lands.unsqueeze(3), -math.inf).view(n, n_states, -1)
-    candidates = torch.cat([same, cross], dim=2)
-    top_scores, index = candidates.topk(min(count, candidates.size(2)), dim=2)
-    own = index < k * vocab
-    moved = (index - k * vocab).clamp(min=0)  # from * k * C + beam * C + column
-    width = columns.size(1)
-    origin = torch.where(own, states * k + index // vocab, moved // width)
-    word = torch.where(own, index % vocab, columns.gather(1, (moved % width).view(n, -1)).view_as(moved))
-    return top_scores, origin, word
-
-
-def _bits_table(word_bits: dict[tuple[int, int], int], batch: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[batch, V]: the bits of the sets each token id satisfies; [batch, C]: each image's constraint
-    ids, padded with <pad> (no bits, never emitted)."""
-    if any(not 0 <= token < vocab for _, token in word_bits):
-        raise ValueError(f"constraint token ids must lie in [0, {vocab})")
-    table = torch.zeros(batch, vocab, dtype=torch.long)
-    ids: list[list[int]] = [[] for _ in range(batch)]
-    for (image, token), bit in word_bits.items():
-        table[image, token] = bit
-        ids[image].append(token)
-    columns = torch.full((batch, max(map(len, ids))), PAD_ID, dtype=torch.long)
-    for image, tokens in enumerate(ids):
-        columns[image, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-    return table, columns
+def _mask_numpy(log_probs: np.ndarray, words: list[list[int]], step: int, min_length: int,
+                no_repeat_ngram_size: int) -> None:
+    """`_mask` in place on numpy log-probs [k, V], for beams whose words so far are `words`."""
+    n = no_repeat_ngram_size
+    log_probs[:, NEVER_EMITTED] = -np.inf
+    if step < min_length:
+        log_probs[:, EOS_ID] = -np.inf
+    if n and step >= n:
+        for row, generated in enumerate(words):
+            prefix = generated[step - n + 1:]
+            blocked = [generated[i + n - 1] for i in range(step - n + 1) if generated[i:i + n - 1] == prefix]
+            log_probs[row, blocked] = -np.inf
+    log_probs[log_probs.max(1) == -np.inf, EOS_ID] = 0.0  # every word blocked: end rather than emit garbage

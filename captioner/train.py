@@ -1,6 +1,11 @@
 """Training, top to bottom: open the run (or resume it) -> data (cached features, vocabulary, captions)
 -> decoder, optimizer and learning-rate schedule -> epochs, each scored on dev -> checkpoints.
 
+The same loop trains both decoders: the photo decoder on a caption dataset's photos (their cached
+features), and the tag decoder (`data.format: captions`, configs/tag-decoder.yaml) on captions alone,
+each with a tag vector drawn from its own words (tag_data.py). What differs is the TrainingData: the
+decoder's inputs for a batch of captions, and how dev is scored (train.select_by picks best.pt).
+
 train.objective picks the loss: cross-entropy on the reference captions (xe), or self-critical
 fine-tuning of a trained model (scst, captioner/scst.py) starting from train.init_from.
 
@@ -20,6 +25,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -33,14 +39,16 @@ from tqdm import tqdm
 
 from .checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from .confidence import DomainProfile
-from .config import Config
+from .config import Config, upgraded
 from .data import ImageRecord, load_dataset
 from .decoder import build_decoder
 from .distributed import Ranks, all_gather, setup, shard, teardown
-from .evaluate import evaluate_features, prepare_features, readable
+from .evaluate import encoder_info, evaluate_features, prepare_features, readable
 from .files import plot_curves, read_metrics, write_metrics, write_text_atomic
-from .metrics import mentions_person
+from .onnx_runtime import encoder_from_config
+from .routing import mentions_person
 from .scst import SelfCriticalLoss
+from .tag_data import TagCaptions, TagDev
 from .text import Vocabulary, tokenize
 
 # What --resume takes from the command line; every other setting must be the run's own.
@@ -73,26 +81,27 @@ def _train(config: Config, resume: bool, progress: bool, ranks: Ranks, device: t
                                                             device_ids=[device] if device.type == "cuda" else None)
 
     dev_decode = replace(config.decode, beam_size=config.train.dev_beam_size)
+    select_by = config.train.select_by
     for epoch in range(standing.epoch + 1, config.train.epochs + 1):
         if config.train.patience and standing.bad_epochs >= config.train.patience:
             break
         started = time.perf_counter()
         train_loss, reward = train_epoch(learner, data, config, epoch, ranks, device, progress)
         train_seconds = time.perf_counter() - started
-        dev, _ = evaluate_features(learner.decoder, data.vocab, data.dev_features, data.dev_records, dev_decode,
-                                   device, ranks=ranks)
+        dev = data.score_dev(learner.decoder, dev_decode, device, ranks)  # {} when there is no dev set
         record = {"epoch": epoch, "train_loss": train_loss, "lr": learner.scheduler.get_last_lr()[0],
                   **({"train_reward": round(reward, 5)} if learner.self_critical else {}),
                   "train_seconds": round(train_seconds, 1), "dev_decode": f"beam {dev_decode.beam_size}",
                   **{f"dev_{k}": round(v, 5) if v is not None else None for k, v in dev.items()}}
-        improved = standing.add(record, dev["bleu4"])
+        improved = standing.add(record, dev.get(select_by))
         log(f"epoch {epoch}: loss {train_loss:.3f}"
             + (f", sampled {learner.self_critical.name} {record['train_reward']:.3f}" if learner.self_critical else "")
-            + f", dev BLEU-4 {dev['bleu4']:.4f} (BLEU-1 {dev['bleu1']:.4f}){' *best*' if improved else ''}, "
-            f"{train_seconds:.0f}s")
+            + (f", dev BLEU-4 {dev['bleu4']:.4f} (BLEU-1 {dev['bleu1']:.4f}, CIDEr-D {dev['cider_d']:.4f})"
+               if dev else "") + f"{' *best*' if improved else ''}, {train_seconds:.0f}s")
         save_epoch(config, data, learner, standing, improved, ranks, device)
     best_path = Path(config.train.out_dir) / "best.pt"
-    log(f"best dev BLEU-4 {standing.best_bleu4:.4f}: {best_path}")
+    log(f"best dev {select_by} {standing.best_score:.4f}: {best_path}" if standing.best_score is not None
+        else f"no dev set: the last epoch is {best_path}")
     return best_path
 
 
@@ -109,7 +118,7 @@ def open_run(config: Config, resume: bool, ranks: Ranks, log) -> tuple[Config, d
         state = read_checkpoint(last_path)
         if "training" not in state:
             raise CheckpointError(f"{last_path}: has no training state to resume from")
-        config = resumed_config(config, Config.from_dict(state["config"], source=str(last_path)), last_path)
+        config = resumed_config(config, Config.from_dict(upgraded(state["config"]), source=str(last_path)), last_path)
         if state["training"].get("world_size", 1) != ranks.world_size:
             log(f"note: {last_path} was trained with {state['training'].get('world_size', 1)} processes, resuming "
                 f"with {ranks.world_size}: same global batch, but dropout draws differ")
@@ -147,10 +156,10 @@ def _flat(values: dict) -> dict:
 
 def run_is_finished(out_dir: str | Path, config: Config) -> bool:
     """Whether the run in out_dir has ended under config's epochs and patience, by the epoch loop's own
-    rule (a tie with the best dev BLEU-4 is no improvement): training it again would train nothing."""
+    rule (a tie with the best dev score is no improvement): training it again would train nothing."""
     if not (Path(out_dir) / "best.pt").is_file():
         return False
-    scores = [row["dev_bleu4"] for row in read_metrics(out_dir)]
+    scores = [row[f"dev_{config.train.select_by}"] for row in read_metrics(out_dir)]
     if not scores or len(scores) >= config.train.epochs:
         return bool(scores)
     since_best = len(scores) - 1 - scores.index(max(scores))
@@ -161,35 +170,30 @@ def run_is_finished(out_dir: str | Path, config: Config) -> bool:
 
 @dataclass
 class TrainingData:
-    dataset_name: str
+    provenance: dict  # what the model learnt from, for its checkpoints
     encoder_info: dict
     vocab: Vocabulary
-    train_records: list[ImageRecord]
-    dev_records: list[ImageRecord]
-    train_features: torch.Tensor
-    dev_features: torch.Tensor
-    domain: dict  # how familiar photos are to this model (confidence.py), stored in its checkpoints
     tokens: torch.Tensor  # every training caption, <bos> words <eos>, padded: [captions, longest]
     lengths: torch.Tensor  # each caption's length in tokens, <bos> and <eos> included
-    caption_images: torch.Tensor  # each caption's row in train_features
+    inputs: Callable[[torch.Tensor, int], torch.Tensor]  # (caption rows, epoch) -> the decoder's inputs for them
+    score_dev: Callable[..., dict]  # (decoder, decode, device, ranks) -> dev scores ({}: no dev set)
+    domain: dict | None  # how familiar photos are to this model (confidence.py), stored in its checkpoints
     initial_weights: dict | None  # the decoder weights of train.init_from
+    train_records: list[ImageRecord] = field(default_factory=list)  # photos: self-critical training's references
+    train_features: torch.Tensor | None = None  # photos: each image's features, in train_records' order
 
 
 def load_training_data(config: Config, state: dict | None, device, progress: bool, ranks: Ranks,
                        log) -> TrainingData:
+    if config.data.format == "captions":
+        return load_tag_training_data(config, state, progress, log)
     dataset = load_dataset(config.data)
     for note in dataset.notes:
         log(f"note: {note}")
     table, encoder_info = prepare_features(config, dataset, device, progress, ranks=ranks)
     train_records, dev_records = readable(dataset.split("train"), table), readable(dataset.split("dev"), table)
-    initial = None
-    if state is not None:
-        vocab = Vocabulary(state["vocab"])
-    elif config.train.init_from:
-        vocab, initial = initial_weights(config, encoder_info)
-        log(f"starting from {config.train.init_from}")
-    else:
-        vocab = Vocabulary.build((tokenize(c) for r in train_records for c in r.captions), config.data.min_word_count)
+    vocab, initial = starting_vocabulary(config, state, encoder_info, log,
+                                         lambda: (tokenize(c) for r in train_records for c in r.captions))
     train_features = table.lookup([r.path for r in train_records])
     dev_features = table.lookup([r.path for r in dev_records])
     domain = domain_profile(train_features, dev_features, config, train_records).to_dict()
@@ -197,8 +201,46 @@ def load_training_data(config: Config, state: dict | None, device, progress: boo
     log(f"{len(train_records)} train images, {len(tokens)} captions, {len(dev_records)} dev images, "
         f"vocabulary {len(vocab)} words, device {device}"
         + (f", {ranks.world_size} processes" if ranks.distributed else ""))
-    return TrainingData(dataset.name, encoder_info, vocab, train_records, dev_records, train_features, dev_features,
-                        domain, tokens, (tokens != vocab.pad).sum(1), caption_images, initial)
+
+    def score_dev(decoder, decode, device, ranks):
+        return evaluate_features(decoder, vocab, dev_features, dev_records, decode, device, ranks=ranks)[0]
+
+    provenance = {"dataset": dataset.name, "data_root": config.data.root, "train_split": "train",
+                  "train_images": len(train_records)}
+    return TrainingData(provenance, encoder_info, vocab, tokens, (tokens != vocab.pad).sum(1),
+                        lambda rows, epoch: train_features[caption_images[rows]], score_dev, domain, initial,
+                        train_records, train_features)
+
+
+def load_tag_training_data(config: Config, state: dict | None, progress: bool, log) -> TrainingData:
+    """Captions alone, each with a tag vector drawn from its own words every epoch (tag_data.py)."""
+    captions = TagCaptions(config, log)
+    encoder = encoder_from_config(config.encoder)
+    info = encoder_info(encoder, config)
+    vocab, initial = starting_vocabulary(config, state, info, log, lambda: captions.captions)
+    tokens = captions.tokens(vocab, config.data.max_caption_length)
+    dev = TagDev(config.data.dev_folder, encoder, config.train.cache_dir, progress) if config.data.dev_folder else None
+    log(f"{len(tokens)} captions, vocabulary {len(vocab)} words, {captions.size} concept words")
+
+    def score_dev(decoder, decode, device, ranks):
+        return dev.score(decoder, vocab, decode) if dev else {}
+
+    provenance = {"captions": config.data.annotations, "caption_count": len(tokens),
+                  "without_people": config.data.without_people}
+    return TrainingData(provenance, info, vocab, tokens, (tokens != vocab.pad).sum(1), captions, score_dev, None,
+                        initial)
+
+
+def starting_vocabulary(config: Config, state: dict | None, info: dict, log,
+                        training_captions: Callable) -> tuple[Vocabulary, dict | None]:
+    """The vocabulary (and initial weights) a run starts from: a resumed run's own, train.init_from's, or one
+    built from the training captions."""
+    if state is not None:
+        return Vocabulary(state["vocab"]), None
+    if config.train.init_from:
+        log(f"starting from {config.train.init_from}")
+        return initial_weights(config, info)
+    return Vocabulary.build(training_captions(), config.data.min_word_count), None
 
 
 def caption_tensor(records: list[ImageRecord], vocab: Vocabulary, max_words: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -307,20 +349,22 @@ def learning_rate_schedule(optimizer: torch.optim.Optimizer, config: Config, tot
 
 @dataclass
 class Standing:
-    """The epochs so far: their metrics rows, the best dev BLEU-4 and how many epochs since it improved."""
+    """The epochs so far: their metrics rows, the best dev score (train.select_by) and how many epochs since it
+    improved."""
     history: list[dict] = field(default_factory=list)
-    best_bleu4: float = -1.0
+    best_score: float | None = None
     bad_epochs: int = 0
 
     @property
     def epoch(self) -> int:
         return len(self.history)
 
-    def add(self, record: dict, dev_bleu4: float) -> bool:
-        """Log an epoch; whether its dev BLEU-4 (unrounded) improved on the best (a tie does not)."""
+    def add(self, record: dict, dev_score: float | None) -> bool:
+        """Log an epoch; whether its dev score (unrounded) improved on the best (a tie does not). Without a
+        dev set (None) every epoch is the best so far."""
         self.history.append(record)
-        improved = dev_bleu4 > self.best_bleu4
-        self.best_bleu4, self.bad_epochs = (dev_bleu4, 0) if improved else (self.best_bleu4, self.bad_epochs + 1)
+        improved = dev_score is None or self.best_score is None or dev_score > self.best_score
+        self.best_score, self.bad_epochs = (dev_score, 0) if improved else (self.best_score, self.bad_epochs + 1)
         return improved
 
 
@@ -337,9 +381,10 @@ def restore_training(state: dict, learner: Learner, config: Config, ranks: Ranks
                 f"{config.train.epochs} epochs")
         fast_forward(learner.scheduler, int(training["epoch"]) * learner.steps_per_epoch)
     restore_random_states(training, ranks, device)
-    standing = Standing(list(training["history"]), float(training["best_bleu4"]), int(training["bad_epochs"]))
-    log(f"resuming {Path(config.train.out_dir)} after epoch {standing.epoch} "
-        f"(best dev BLEU-4 {standing.best_bleu4:.4f})")
+    best = training.get("best_score", training.get("best_bleu4"))  # best_bleu4: runs saved before select_by
+    standing = Standing(list(training["history"]), best, int(training["bad_epochs"]))
+    log(f"resuming {Path(config.train.out_dir)} after epoch {standing.epoch}"
+        + (f" (best dev {config.train.select_by} {best:.4f})" if best is not None else ""))
     return standing
 
 
@@ -397,7 +442,7 @@ def train_epoch(learner: Learner, data: TrainingData, config: Config, epoch: int
         if self_critical is None:  # the loss is per token
             global_count = int(data.lengths[global_batch].sum()) - len(global_batch)  # all but <bos> are predicted
             captions = data.tokens[batch, : int(data.lengths[batch].max())].to(device)
-            logits = model(data.train_features[data.caption_images[batch]].to(device), captions[:, :-1])
+            logits = model(data.inputs(batch, epoch).to(device), captions[:, :-1])
             summed = weight * learner.loss_fn(logits.reshape(-1, logits.size(-1)), captions[:, 1:].reshape(-1))
         else:  # the loss is per sampled caption (its words' log-probabilities summed)
             global_count = len(global_batch) * config.train.samples_per_image
@@ -427,13 +472,11 @@ def save_epoch(config: Config, data: TrainingData, learner: Learner, standing: S
     if not ranks.is_main:
         return
     out_dir, record = Path(config.train.out_dir), standing.history[-1]
-    provenance = {"dataset": data.dataset_name, "data_root": config.data.root, "train_split": "train",
-                  "train_images": len(data.train_records), "epoch": record["epoch"], "dev": record,
-                  "processes": ranks.world_size, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "torch": str(torch.__version__)}
+    provenance = {**data.provenance, "epoch": record["epoch"], "dev": record, "processes": ranks.world_size,
+                  "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "torch": str(torch.__version__)}
     training = {"epoch": record["epoch"], "optimizer": learner.optimizer.state_dict(),
                 "scheduler": learner.scheduler.state_dict(), "rng": rng["rng_per_rank"][0], **rng,
-                "world_size": ranks.world_size, "history": standing.history, "best_bleu4": standing.best_bleu4,
+                "world_size": ranks.world_size, "history": standing.history, "best_score": standing.best_score,
                 "bad_epochs": standing.bad_epochs}
     weights = (config, data.vocab, learner.decoder, data.encoder_info, provenance)
     if improved:

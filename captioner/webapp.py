@@ -1,7 +1,7 @@
 """The Gradio app: upload one or more pictures, get captions (and the n best with scores).
 
-`caption_uploads` is the whole behaviour and is what the named API endpoint `/caption` runs;
-`build_app` only lays out the page around it.
+`caption_requests` is the whole behaviour: the named API endpoint `/caption` runs it on batches of
+concurrent requests (`caption_uploads` is one request); `build_app` only lays out the page around it.
 """
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ import gradio as gr
 
 from .caption import tags_text
 from .config import ConfigError
-from .inference import Caption, Captioner, example_photos
+from .describe import Caption
+from .folders import caption_files
+from .inference import Captioner, example_photos
 from .transform import load_image
 
 MAX_FILE_SIZE = "50mb"  # room for big phone JPEGs (up to 200 megapixels), which are read at a reduced scale
@@ -93,9 +95,9 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
         groups.setdefault(options, []).append((request, paths))
     for (beam, best, longest, penalty, no_repeat), members in groups.items():
         paths = [path for _, request_paths in members for path in request_paths]
-        results = {index: (captions, error) for index, captions, error in captioner.caption_files(
-            paths, num_workers=0, n_best=best, beam_size=beam, max_length=longest, length_penalty=penalty,
-            no_repeat_ngram_size=no_repeat)}
+        results = {index: (captions, error) for index, captions, error in caption_files(
+            captioner, paths, num_workers=0, n_best=best, beam_size=beam, max_length=longest,
+            length_penalty=penalty, no_repeat_ngram_size=no_repeat)}
         offset = 0
         for request, request_paths in members:
             for index, path in enumerate(request_paths, start=offset):
@@ -119,7 +121,7 @@ def warm_up(captioner: Captioner) -> None:
     import matplotlib
 
     matplotlib.get_backend()
-    for _, _, error in captioner.caption_files(example_photos(), num_workers=0):
+    for _, _, error in caption_files(captioner, example_photos(), num_workers=0):
         if error is not None:  # a damaged install: say so, and serve anyway
             print(f"app: warning: could not caption an example photo: {error}", file=sys.stderr)
 
@@ -128,11 +130,10 @@ def build_app(captioner: Captioner) -> gr.Blocks:
     defaults = captioner.config.decode
     with gr.Blocks(title="captioner") as app:
         gr.Markdown("# captioner\nUpload photos; a CNN encoder and a recurrent decoder describe them. "
-                    "*Confidence* is how familiar a photo is to the model (the share of its held-out photos that "
-                    f"look no more familiar); below {defaults.unsure_below:g} the caption is marked *unsure*. "
-                    "*The photo shows* lists what the encoder's ImageNet classifier sees, as caption words; "
-                    "*from tags* marks a caption written from those words instead of from the photo, which the "
-                    "model does for the photos it is unsure of when it carries a fallback decoder.")
+                    "A caption marked *unsure* may be wrong: the photo is unlike the model's training photos, or "
+                    "the caption names a person or a dog the model cannot see. *The photo shows* lists what the "
+                    "CNN recognises, and *from tags* marks a caption written from those words instead of from "
+                    "the photo.")
         with gr.Row():
             with gr.Column(scale=1):
                 files = gr.File(label="Images", file_count="multiple", type="filepath")
@@ -165,6 +166,9 @@ def cannot_serve_on(host: str, port: int) -> str | None:
     """Why the app could not listen on host:port (in use, or an address this machine does not have), or None."""
     try:
         with socket.socket() as probe:
+            # As uvicorn binds (SO_REUSEADDR): a port whose earlier connections linger in TIME_WAIT, as after
+            # stopping a server that served a browser, is free to it; only a socket that listens there is not.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             probe.bind((host, port))
     except OSError as error:
         if error.errno == errno.EADDRINUSE:
@@ -174,13 +178,15 @@ def cannot_serve_on(host: str, port: int) -> str | None:
 
 
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          device: str = "cpu", runtime: str | None = None, precision: str | None = None) -> int:
-    """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped. `runtime` and
-    `precision` choose how the CNN runs on a CPU (Captioner.from_checkpoint; --precision int8 on a slow CPU)."""
+          device: str = "cpu", runtime: str | None = None, precision: str | None = None,
+          settings: list[str] = ()) -> int:
+    """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped. `runtime`,
+    `precision` and `settings` change the model's config (Captioner.from_checkpoint)."""
     problem = cannot_serve_on(host, port)  # before the model loads: say it at once
     if problem:
         raise ConfigError(problem)
-    captioner = Captioner.from_checkpoint(checkpoint, device=device, runtime=runtime, precision=precision)
+    captioner = Captioner.from_checkpoint(checkpoint, device=device, settings=settings, runtime=runtime,
+                                          precision=precision)
     warm_up(captioner)
     build_app(captioner).launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
                                 show_error=True)

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny Flickr8k-layout dataset of drawn shapes, and a tiny-model config."""
 from __future__ import annotations
 
+import os
+import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +21,40 @@ SHARED_FLICKR8K = REPO.parent / "shared" / "data" / "flickr8k"
 COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 30, 220), "yellow": (230, 220, 20)}
 SHAPES = ("circle", "square")
 
-torch.set_num_threads(2)
+TORCH_THREADS = 2
+torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def torch_threads():
+    """Each test starts with torch on TORCH_THREADS threads. Training in this process applies train.threads to
+    the whole process (test_interruptions.py trains on 1), which would otherwise carry over into the tests after
+    it: their float sums, and the model `trained` makes when one of them is the first to ask for it."""
+    yield
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
+
+# Gradio's files (uploads, and what gradio_client downloads) in a folder of this run's, set before any test module
+# imports Gradio, which reads GRADIO_TEMP_DIR then: not in /tmp/gradio, shared with every other run and app.
+GRADIO_TEMP_DIR = Path(tempfile.mkdtemp(prefix="captioner-tests-gradio-"))
+os.environ["GRADIO_TEMP_DIR"] = str(GRADIO_TEMP_DIR)
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"  # no background requests from the servers the tests start
+# Settings a shell may carry that would send the tests' servers, Ray instance or training elsewhere.
+for variable in ("RAY_ADDRESS", "GRADIO_SERVER_PORT", "GRADIO_SERVER_NAME", "MASTER_ADDR", "MASTER_PORT",
+                 "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+    os.environ.pop(variable, None)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(GRADIO_TEMP_DIR, ignore_errors=True)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def run_graph_cache(tmp_path_factory):
+    """ONNX graphs in this run's cache (test_onnx.py's too), not the user's ~/.cache/captioner: what a concurrent
+    run, the user's commands or another version of the code put there cannot change what a test sees.
+    Subprocesses (torchrun, `python app.py`, `python -m captioner`, Ray's workers) inherit it."""
+    os.environ["CAPTIONER_CACHE"] = str(tmp_path_factory.getbasetemp() / "captioner-cache")
 
 
 def load_app_py():
@@ -31,10 +67,22 @@ def load_app_py():
     return app_py
 
 
+_RESERVED_PORTS: list[socket.socket] = []
+
+
 def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A TCP port on 127.0.0.1 that stays this test's until the session ends, with nothing listening on it.
+
+    The port is held by a socket bound with SO_REUSEADDR that never listens. The kernel gives a held port to no
+    one else: not to another bind to port 0 and not to an outgoing connection, in this process or any other. A
+    server that sets SO_REUSEADDR too (uvicorn under Gradio, webapp.cannot_serve_on) binds and listens on it; a
+    connection to it while no server listens is refused. (Binding port 0, closing the socket and returning the
+    number left the port free for anyone until the server bound it: a race the suite lost now and then.)"""
+    holder = socket.socket()
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    _RESERVED_PORTS.append(holder)
+    return holder.getsockname()[1]
 
 
 def draw(color: str, shape: str, seed: int, size: int = 96) -> Image.Image:

@@ -167,10 +167,11 @@ def test_a_warmed_up_server_has_made_what_a_first_request_would_wait_for():
     1.2 s here)."""
     pytest.importorskip("onnxruntime")
     shipped = Captioner.from_checkpoint()
-    assert shipped.encoder._session is None and shipped.searched._session is None
+    assert shipped.encoder.session._session is None and shipped.writer.searched._session is None
     warm_up(shipped)
-    assert shipped.encoder._session is not None
-    assert shipped.searched._session is not None and shipped.searched_fallback.decoder._session is not None
+    assert shipped.encoder.session._session is not None
+    assert shipped.writer.searched._session is not None
+    assert shipped.writer.tag_writer.searched.decoder._session is not None
 
 
 def test_app_serves_the_int8_cnn_on_request_and_says_how_to_make_one(tmp_path, monkeypatch, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from captioner import Captioner
+from captioner import webapp
 from captioner.webapp import MAX_BATCH, build_app, caption_requests, caption_uploads
 
 
@@ -24,9 +25,9 @@ def test_requests_captioned_together_get_what_each_gets_alone(captioner, tiny_fl
                 ([images[4]], "greedy", 5, 12, 0.0, 2, 3)]
     alone = [caption_uploads(captioner, *request) if request[0] else None for request in requests]
     calls = []
-    original = captioner.caption_files
-    monkeypatch.setattr(captioner, "caption_files",
-                        lambda paths, **options: calls.append(list(paths)) or original(paths, **options))
+    original = webapp.caption_files
+    monkeypatch.setattr(webapp, "caption_files", lambda model, paths, **options: calls.append(list(paths))
+                        or original(model, paths, **options))
     galleries, tables = caption_requests(captioner, *map(list, zip(*requests)))
     assert len(calls) == 3 and calls[0] == [images[0], images[1], images[3], str(broken)]
     for index, expected in enumerate(alone):

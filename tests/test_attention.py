@@ -7,6 +7,7 @@ import yaml
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.folders import caption_files
 from conftest import tiny_config
 
 
@@ -24,7 +25,7 @@ def test_attention_model_trains_evaluates_and_captions_what_it_sees(tiny_flickr8
     paths = [tiny_flickr8k / "images" / f"{c}_square_2.jpg" for c in colours]
     captions = captioner.caption(paths, beam_size=3)
     assert sum(c in caption.text for c, caption in zip(colours, captions)) >= 3, [c.text for c in captions]
-    from_files = {i: c[0].text for i, c, _ in captioner.caption_files(paths, beam_size=3)}
+    from_files = {i: c[0].text for i, c, _ in caption_files(captioner, paths, beam_size=3)}
     assert [from_files[i] for i in range(4)] == [c.text for c in captions]
 
     capsys.readouterr()

@@ -18,11 +18,12 @@ from PIL import Image
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.checkpoint import CheckpointError
 from captioner.inference import EXAMPLES_DIR
 from captioner.transform import ImageLoadError, load_image
 from captioner.webapp import TABLE_HEADERS, caption_uploads
 
-from conftest import load_app_py
+from conftest import free_port, load_app_py
 
 
 def png_claiming_size(width: int, height: int) -> bytes:
@@ -162,7 +163,8 @@ def test_a_device_that_is_not_there_is_one_clear_error_everywhere(trained, tiny_
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, argv
     assert not (tmp_path / "run").exists()  # refused before any work
-    assert app.main(["--checkpoint", checkpoint, "--device", device]) == 1
+    # A port of the test's own: by default the app first checks 7860, which another app on this machine may hold
+    assert app.main(["--checkpoint", checkpoint, "--device", device, "--port", str(free_port())]) == 1
     assert message in capsys.readouterr().err
 
 
@@ -214,10 +216,11 @@ def test_checkpoint_for_another_encoder_is_refused_with_a_reason(trained, tmp_pa
     payload = torch.load(trained[1] / "best.pt", weights_only=True)
     payload["encoder"]["fingerprint"] = "0123456789abcdef"  # trained on other weights of the same network
     torch.save(payload, tmp_path / "other_weights.pt")
-    Captioner.from_checkpoint(tmp_path / "other_weights.pt")
-    assert "captions may be poor" in capsys.readouterr().err
-    assert main(["evaluate", "--checkpoint", str(tmp_path / "other_weights.pt"), "--no-progress"]) == 1
-    assert "fingerprint" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="other_weights.pt: trained on features of .*0123456789abcdef"):
+        Captioner.from_checkpoint(tmp_path / "other_weights.pt")  # the one rule, for every command and the API
+    for command in (["caption", str(EXAMPLES_DIR)], ["evaluate", "--no-progress"]):
+        assert main([*command, "--checkpoint", str(tmp_path / "other_weights.pt")]) == 1
+        assert "fingerprint 0123456789abcdef" in capsys.readouterr().err
 
 
 def test_phone_photos_avif_and_heic_are_found_in_folders_and_captioned(trained, tiny_flickr8k, tmp_path, monkeypatch):

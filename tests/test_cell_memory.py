@@ -1,4 +1,4 @@
-"""captioner/memory.py and bench/cell_memory.py: how far back a decoder remembers, on tiny models."""
+"""bench/memory.py and bench/cell_memory.py: how far back a decoder remembers, on tiny models."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,11 +10,17 @@ import torch
 
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder
-from captioner.memory import accuracy_by_position, gradient_through_time, image_influence
 
-_spec = importlib.util.spec_from_file_location("cell_memory", Path(__file__).parents[1] / "bench" / "cell_memory.py")
-cell_memory = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(cell_memory)
+
+def _load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+memory = _load_bench("memory")
+cell_memory = _load_bench("cell_memory")
 
 VOCAB, FEATURES, HIDDEN = 12, 6, 8
 
@@ -31,11 +37,11 @@ def captions(n: int = 4, words: int = 7) -> torch.Tensor:
 @pytest.mark.parametrize("cell", ["rnn", "lstm", "gru"])
 def test_measurements_have_one_value_per_step(cell):
     decoder, tokens, features = tiny_decoder(cell), captions(), torch.randn(4, FEATURES)
-    gradient = gradient_through_time(decoder, features, tokens)
+    gradient = memory.gradient_through_time(decoder, features, tokens)
     assert gradient["state"].shape == (7,) and (gradient["state"] > 0).all()
     assert ("h" in gradient) == (cell == "lstm")
-    assert image_influence(decoder, features, features.roll(1, 0), tokens).shape == (7,)
-    accuracy, count = accuracy_by_position(decoder, features, tokens, pad=0, eos=2)
+    assert memory.image_influence(decoder, features, features.roll(1, 0), tokens).shape == (7,)
+    accuracy, count = memory.accuracy_by_position(decoder, features, tokens, pad=0, eos=2)
     assert accuracy.shape == count.shape == (7,) and count.tolist() == [4] * 7
     assert all(p.grad is None for p in decoder.parameters())  # measuring leaves the model's gradients alone
 
@@ -50,7 +56,7 @@ def test_a_plain_rnn_with_small_recurrent_weights_loses_the_gradient_geometrical
         decoder.rnn.bias_hh_l0.zero_()
         decoder.init_h.weight.mul_(0.01)
         decoder.init_h.bias.zero_()
-    norms = gradient_through_time(decoder, torch.randn(5, FEATURES), captions(5, 8))["state"]
+    norms = memory.gradient_through_time(decoder, torch.randn(5, FEATURES), captions(5, 8))["state"]
     ratios = norms[:-1] / norms[1:]  # one step further back / this step
     assert ratios == pytest.approx(torch.full_like(ratios, scale), rel=1e-3)
 
@@ -62,15 +68,15 @@ def test_an_lstm_whose_forget_gate_is_held_open_keeps_the_gradient():
         decoder.rnn.bias_ih_l0.zero_()
         decoder.rnn.bias_ih_l0[:HIDDEN] = -30.0  # input gate shut (gates: input, forget, cell, output)
         decoder.rnn.bias_ih_l0[HIDDEN:2 * HIDDEN] = 30.0  # forget gate open: c carries over unchanged
-    gradient = gradient_through_time(decoder, torch.randn(5, FEATURES), captions(5, 8))
+    gradient = memory.gradient_through_time(decoder, torch.randn(5, FEATURES), captions(5, 8))
     assert gradient["state"] == pytest.approx(torch.full((8,), float(gradient["state"][-1])), rel=1e-4)
     assert gradient["h"].abs().max() < 1e-6  # no recurrent weights: the gradient goes through c alone
 
 
 def test_the_photo_matters_only_when_it_differs():
     decoder, tokens, features = tiny_decoder("gru"), captions(), torch.randn(4, FEATURES)
-    assert image_influence(decoder, features, features, tokens).abs().max() < 1e-6
-    assert (image_influence(decoder, features, features.roll(1, 0), tokens) > 0).all()
+    assert memory.image_influence(decoder, features, features, tokens).abs().max() < 1e-6
+    assert (memory.image_influence(decoder, features, features.roll(1, 0), tokens) > 0).all()
 
 
 def test_accuracy_by_position_counts_words_not_eos_or_padding():
@@ -82,7 +88,7 @@ def test_accuracy_by_position_counts_words_not_eos_or_padding():
     tokens = torch.tensor([[1, 5, 6, 5, 2, 0],
                            [1, 5, 5, 2, 0, 0],
                            [1, 7, 2, 0, 0, 0]])
-    accuracy, count = accuracy_by_position(decoder, torch.randn(3, FEATURES), tokens, pad=0, eos=2)
+    accuracy, count = memory.accuracy_by_position(decoder, torch.randn(3, FEATURES), tokens, pad=0, eos=2)
     assert count.tolist() == [3, 2, 1, 0, 0]
     assert accuracy[:3].tolist() == pytest.approx([2 / 3, 1 / 2, 1.0])
     assert accuracy[3:].isnan().all()

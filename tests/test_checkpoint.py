@@ -108,16 +108,19 @@ def test_a_familiarity_profile_or_person_probe_that_does_not_fit_the_features_is
         load_domain({**raw, "domain": {"centroids": torch.randn(4, 16)}}, path)
 
 
-def test_export_can_say_where_the_data_is_and_nothing_else_outside_decoding(tmp_path, checkpoint):
+def test_export_stores_settings_but_cannot_change_what_describes_the_model(tmp_path, checkpoint):
     from captioner.checkpoint import export_checkpoint
     from captioner.config import ConfigError
 
     checkpoint, _ = checkpoint
-    provenance = export_checkpoint(checkpoint, tmp_path / "out.pt", decode_overrides=["data.root=data/flickr8k"])
+    settings = ["data.root=data/flickr8k", "routing.unsure_below=0.1"]
+    provenance = export_checkpoint(checkpoint, tmp_path / "out.pt", settings=settings)
     config, _, _, _ = load_checkpoint(tmp_path / "out.pt")
-    assert config.data.root == "data/flickr8k" and provenance["decode_overrides"] == ["data.root=data/flickr8k"]
-    with pytest.raises(ConfigError, match="only decode"):
-        export_checkpoint(checkpoint, tmp_path / "bad.pt", decode_overrides=["train.lr=0.1"])
+    assert config.data.root == "data/flickr8k" and config.routing.unsure_below == 0.1
+    assert provenance["settings"] == settings
+    with pytest.raises(ConfigError, match="describes the trained model"):
+        export_checkpoint(checkpoint, tmp_path / "bad.pt", settings=["decoder.hidden_dim=64"])
+    assert not (tmp_path / "bad.pt").exists()
 
 
 def test_the_shipped_model_looks_for_its_data_where_the_readme_puts_it():

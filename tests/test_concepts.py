@@ -13,9 +13,10 @@ import torchvision
 from captioner.cli import main
 from captioner.concepts import CONCEPT_WORDS_FILE, ConceptWords, default_concept_words
 from captioner.confidence import DomainProfile, PersonProbe, kmeans
-from captioner.encoder import Encoder
+from captioner.onnx_runtime import build_encoder
 from captioner.caption import caption_row
-from captioner.inference import Caption, Captioner
+from captioner.describe import Caption
+from captioner.inference import Captioner
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "captioner" / "examples"
@@ -63,7 +64,7 @@ def test_word_probabilities_sum_the_classes_of_a_word():
 
 
 def test_the_encoder_head_names_the_example_photos():
-    encoder = Encoder()
+    encoder = build_encoder()
     paths = [EXAMPLES / "cat.jpg", EXAMPLES / "coffee.jpg"]
     pooled, _ = encoder(torch.stack([encoder.transform.load(p) for p in paths]))
     probs = encoder.classify(pooled)
@@ -132,7 +133,7 @@ def test_a_model_trained_on_photos_without_people_has_no_person_probe(trained):
     _, run = trained  # drawn shapes: no reference names a person
     payload = torch.load(run / "best.pt", weights_only=True)
     assert "centroids" in payload["domain"] and "person_weight" not in payload["domain"]
-    assert Captioner.from_checkpoint(run / "best.pt").domain.person is None
+    assert Captioner.from_checkpoint(run / "best.pt").writer.domain.person is None
 
 
 def test_caption_rows_carry_tags_and_confidence(trained, tiny_flickr8k, tmp_path, capsys):

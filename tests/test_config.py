@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from captioner.config import Config, ConfigError, load_config
+from captioner.config import Config, ConfigError, load_config, upgraded, with_settings
 
 REPO_CONFIG = "configs/flickr8k.yaml"
 
@@ -47,14 +47,36 @@ def test_wrong_type_names_the_key(tmp_path):
     ("decode.beam_size=0", "beam_size"),
     ("train.epochs=true", "must be int"),
     ("train.reward_bleu_weight=-1", "reward_bleu_weight must be >= 0"),
-    ("decode.unseen_person_below=2", r"decode.unseen_person_below must be in \[0, 1\]"),
-    ("decode.people_sure_above=-0.1", r"decode.people_sure_above must be in \[0, 1\]"),
+    ("routing.unseen_person_below=2", r"routing.unseen_person_below must be in \[0, 1\]"),
+    ("routing.people_sure_above=-0.1", r"routing.people_sure_above must be in \[0, 1\]"),
+    ("routing.unsure_below=1.5", r"routing.unsure_below must be in \[0, 1\]"),
     ("nonsense", "expected section.key=value"),
     ("model.size=3", "unknown key 'model'"),
 ])
 def test_bad_values_are_refused_with_a_reason(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
+
+
+def test_routing_settings_stored_under_decode_by_older_checkpoints_load_into_their_own_section():
+    values = Config().to_dict()
+    del values["routing"]
+    values["decode"].update(unsure_below=0.2, people_sure_above=0.9)
+    config = Config.from_dict(upgraded(values))
+    assert config.routing.unsure_below == 0.2 and config.routing.people_sure_above == 0.9
+    assert config.routing.unseen_dog_below == Config().routing.unseen_dog_below
+    assert "unsure_below" not in config.to_dict()["decode"]
+
+
+def test_settings_change_a_trained_models_config_but_not_what_describes_the_model():
+    config = with_settings(Config(), ["routing.unsure_below=0.1", "decode.beam_size=5", "encoder.runtime=torch"],
+                           "model.pt")
+    assert (config.routing.unsure_below, config.decode.beam_size, config.encoder.runtime) == (0.1, 5, "torch")
+    for setting in ("decoder.cell=gru", "encoder.name=resnet18", "encoder.image_size=320"):
+        with pytest.raises(ConfigError, match="describes the trained model"):
+            with_settings(Config(), [setting], "model.pt")
+    with pytest.raises(ConfigError, match="routing.unsure_below must be in"):
+        with_settings(Config(), ["routing.unsure_below=2"], "model.pt")
 
 
 def test_unreadable_or_malformed_file(tmp_path):

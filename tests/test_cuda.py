@@ -14,6 +14,7 @@ import yaml
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.folders import caption_files
 from captioner.inference import example_photos
 
 from conftest import tiny_config
@@ -43,13 +44,13 @@ def test_the_shipped_model_on_a_gpu_stays_in_pytorch_and_writes_the_cpus_caption
     gpu = Captioner.from_checkpoint(device="cuda")
     cpu = Captioner.from_checkpoint(device="cpu", runtime="torch")
     assert gpu.device.type == "cuda" and gpu.encoder.runtime_on(gpu.device) == "torch"
-    assert gpu.searched is gpu.decoder  # the steps too: no ONNX Runtime session on a GPU
+    assert gpu.writer.searched is gpu.decoder  # the steps too: no ONNX Runtime session on a GPU
     photos = example_photos()
     assert len(photos) >= 4
     # The examples include photos unlike Flickr8k's: unsure ones, captioned from their tags by the fallback.
     assert described(gpu.caption(photos, beam_size=3)) == described(cpu.caption(photos, beam_size=3))
-    on_gpu = [c for _, c, _ in gpu.caption_files(photos, n_best=3, beam_size=5)]
-    on_cpu = [c for _, c, _ in cpu.caption_files(photos, n_best=3, beam_size=5)]
+    on_gpu = [c for _, c, _ in caption_files(gpu, photos, n_best=3, beam_size=5)]
+    on_cpu = [c for _, c, _ in caption_files(cpu, photos, n_best=3, beam_size=5)]
     assert [[c.text for c in n] for n in on_gpu] == [[c.text for c in n] for n in on_cpu]
     assert any(c[0].from_tags for c in on_gpu), "no example went through the fallback decoder"
 

@@ -13,12 +13,14 @@ import yaml
 from captioner.checkpoint import read_checkpoint
 from captioner.train import train
 
-from conftest import REPO, free_port, tiny_config
+from conftest import REPO, tiny_config
 
 
 def torchrun(config_path, *extra: str, processes: int = 2) -> subprocess.CompletedProcess:
+    # The rendezvous store listens on a port it binds itself (port 0) and hands to the workers: no port is
+    # chosen here that another process could take before torchrun binds it (--master_port free_port() did).
     command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(processes),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", "--local-addr", "127.0.0.1",
                "-m", "captioner", "train", "--config", str(config_path), "--no-progress", *extra]
     environment = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     return subprocess.run(command, capture_output=True, text=True, timeout=300, env=environment, cwd=REPO)

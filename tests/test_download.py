@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -15,6 +14,7 @@ from PIL import Image
 
 from captioner import download as dl
 from captioner.download import DownloadError, download_flickr8k
+from conftest import free_port
 
 IMAGES = ["1000268201_693b08cb0e.jpg", "1001773457_577c3a7d70.jpg", "1002674143_1b742ab4b8.jpg", "1003163366_44323f5815.jpg"]
 SPLITS = {
@@ -274,6 +274,6 @@ def test_failed_unpack_leaves_no_half_layout(server, tmp_path, monkeypatch):
 
 
 def closed_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """A port where nothing listens, for the whole session: connecting to it is refused (conftest.free_port holds
+    it bound; a port merely found free could be taken by another process and answer)."""
+    return free_port()

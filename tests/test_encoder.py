@@ -7,10 +7,11 @@ import torchvision
 
 from captioner.encoder import ENCODERS, Encoder, EncoderError
 from captioner.features import cached_features
+from captioner.onnx_runtime import build_encoder
 
 
 def test_default_encoder_works_offline_and_is_frozen():
-    encoder = Encoder("efficientnet_lite0", "default", image_size=64)
+    encoder = build_encoder("efficientnet_lite0", "default", image_size=64)
     pooled, grid = encoder(torch.randn(2, 3, 64, 64))
     assert pooled.shape == (2, 1280) and grid.shape[:2] == (2, 1280) and grid.dim() == 4
     assert torch.allclose(pooled, grid.mean(dim=(2, 3)))
@@ -27,7 +28,7 @@ def test_torchvision_encoder_from_a_weights_file(tmp_path, name):
     reference = torchvision.models.get_model(name, weights=None).eval()
     path = tmp_path / f"{name}.pth"
     torch.save(reference.state_dict(), path)
-    encoder = Encoder(name, str(path), image_size=64)
+    encoder = build_encoder(name, str(path), image_size=64)
     pooled, grid = encoder(torch.randn(1, 3, 64, 64))
     assert pooled.shape == (1, ENCODERS[name].feature_dim)
     assert encoder.transform.mean == (0.485, 0.456, 0.406)
@@ -50,7 +51,7 @@ def test_encoder_errors_name_the_problem(tmp_path):
 
 
 def test_features_are_cached_in_fp16_and_bad_files_recorded(tiny_flickr8k, tmp_path, monkeypatch):
-    encoder = Encoder("efficientnet_lite0", "default", image_size=64)
+    encoder = build_encoder("efficientnet_lite0", "default", image_size=64)
     paths = sorted((tiny_flickr8k / "images").glob("*.jpg"))[:5]
     bad = tmp_path / "bad.jpg"
     bad.write_text("text")

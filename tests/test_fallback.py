@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,11 +11,14 @@ import torch
 from captioner.checkpoint import CheckpointError, load_checkpoint
 from captioner.cli import main
 from captioner.concepts import default_concept_words
+from captioner.files import read_metrics
 from captioner.fallback import CaptionConcepts, caption_tag_vector, singular
 from captioner.inference import Captioner
-from captioner.metrics import mentions_person
+from captioner.routing import mentions_person
 
-EXAMPLES = Path(__file__).resolve().parents[1] / "captioner" / "examples"
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "captioner" / "examples"
+NO_CHECKS = ("routing.unsure_below=0", "routing.unseen_dog_below=0", "routing.unseen_person_below=0")
 
 
 def test_caption_words_name_concepts_in_any_number_and_two_word_names():
@@ -48,10 +52,22 @@ def test_train_a_fallback_export_it_and_unsure_photos_are_captioned_from_tags(tr
         "A cat sitting on a couch .", "A cup of coffee on a table .", "A cat lying on a bed .",
         "Coffee in a white cup .", "Something is happening here .")]
     captions.write_text("\n".join(lines) + "\n")
-    assert main(["train-fallback", "--captions", str(captions), "--out",
-                 str(tmp_path / "fallback"), "--for-model", str(run / "best.pt"), "--epochs", "40", "--no-progress"]) == 0
-    config, vocab, decoder, _ = load_checkpoint(tmp_path / "fallback" / "best.pt")
+    dev = tmp_path / "dev"  # photos unlike the training ones, to pick the epoch on: captioned from their tags
+    (dev / "images").mkdir(parents=True)
+    for name in ("cat.jpg", "coffee.jpg"):
+        shutil.copy(EXAMPLES / name, dev / "images" / name)
+    (dev / "refs.jsonl").write_text('{"image": "cat.jpg", "refs": ["a cat lying on a bed"]}\n'
+                                    '{"image": "coffee.jpg", "refs": ["a cup of coffee on a table"]}\n')
+    model_config = load_checkpoint(run / "best.pt")[0]
+    assert main(["train", "--config", str(REPO / "configs" / "tag-decoder.yaml"), "--no-progress",
+                 "--set", f"data.annotations={captions}", "--set", f"data.dev_folder={dev}", "--set", "train.epochs=12",
+                 "--set", f"train.out_dir={tmp_path / 'fallback'}", "--set", "train.device=cpu",
+                 "--set", f"encoder.image_size={model_config.encoder.image_size}",
+                 "--set", f"encoder.runtime={model_config.encoder.runtime}", "--set", "train.warmup_steps=1"]) == 0
+    config, vocab, decoder, payload = load_checkpoint(tmp_path / "fallback" / "best.pt")
     assert config.decoder.inputs == "tags" and "coffee" in vocab.words
+    dev_scores = [row["dev_cider_d"] for row in read_metrics(tmp_path / "fallback")]  # the same loop as photos
+    assert len(dev_scores) == 12 and payload["provenance"]["epoch"] == 1 + dev_scores.index(max(dev_scores))
     assert "happening" not in vocab.words  # a caption that names no concept teaches nothing about tags: left out
 
     model = tmp_path / "with-fallback.pt"
@@ -69,7 +85,7 @@ def test_train_a_fallback_export_it_and_unsure_photos_are_captioned_from_tags(tr
 
 def test_export_refuses_a_fallback_that_is_not_one(trained, tmp_path):
     _, run = trained
-    with pytest.raises(CheckpointError, match="not a fallback decoder"):
+    with pytest.raises(CheckpointError, match="not a tag decoder"):
         from captioner.checkpoint import export_checkpoint
 
         export_checkpoint(run / "best.pt", tmp_path / "x.pt", fallback=run / "best.pt")
@@ -77,7 +93,7 @@ def test_export_refuses_a_fallback_that_is_not_one(trained, tmp_path):
 
 def test_words_the_fallback_never_learned_borrow_the_most_alike_sayable_word():
     from captioner.config import EncoderConfig
-    from captioner.encoder import encoder_from_config
+    from captioner.onnx_runtime import encoder_from_config
     from captioner.fallback import WordBorrowing
     from captioner.text import Vocabulary
 
@@ -104,9 +120,9 @@ def test_words_the_fallback_never_learned_borrow_the_most_alike_sayable_word():
 def test_a_caption_naming_a_dog_the_encoder_does_not_see_is_unsure_and_written_from_tags():
     captioner = Captioner.from_checkpoint()  # the shipped model, with its fallback
     coffee = str(EXAMPLES / "coffee.jpg")
-    scene = captioner.caption(coffee, unsure_below=0.0, unseen_dog_below=0.0)
+    scene = captioner.with_settings("routing.unsure_below=0", "routing.unseen_dog_below=0").caption(coffee)
     assert "dog" in scene.text.split() and not scene.unsure  # Flickr8k's prior: "a brown dog is running..."
-    checked = captioner.caption(coffee, unsure_below=0.0)
+    checked = captioner.with_settings("routing.unsure_below=0").caption(coffee)
     assert checked.unsure and checked.from_tags
     assert "dog" not in checked.text.split() and {"coffee", "cup"} & set(checked.text.split())
 
@@ -114,9 +130,9 @@ def test_a_caption_naming_a_dog_the_encoder_does_not_see_is_unsure_and_written_f
 def test_a_caption_naming_a_person_the_person_probe_does_not_see_is_unsure_and_written_from_tags():
     captioner = Captioner.from_checkpoint()  # the shipped model: its person probe gives the cat 0.2
     cat = str(EXAMPLES / "cat.jpg")
-    scene = captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0, unseen_person_below=0.0)
+    scene = captioner.with_settings(*NO_CHECKS).caption(cat)
     assert mentions_person(scene.text.split()) and not scene.unsure  # Flickr8k's prior: "a little boy is ..."
-    checked = captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0)
+    checked = captioner.with_settings("routing.unsure_below=0", "routing.unseen_dog_below=0").caption(cat)
     assert checked.unsure and checked.from_tags
     assert not mentions_person(checked.text.split()) and "cat" in checked.text.split()
 
@@ -124,9 +140,9 @@ def test_a_caption_naming_a_person_the_person_probe_does_not_see_is_unsure_and_w
 def test_an_unfamiliar_photo_the_person_probe_is_sure_shows_people_keeps_the_flickr8k_decoders_caption():
     captioner = Captioner.from_checkpoint()
     astronaut = str(EXAMPLES / "astronaut.jpg")  # confidence 0.2; the probe: people, 1.0
-    from_tags = captioner.caption(astronaut, unsure_below=0.5, people_sure_above=1.0)
+    from_tags = captioner.with_settings("routing.unsure_below=0.5", "routing.people_sure_above=1").caption(astronaut)
     assert from_tags.unsure and from_tags.from_tags and not mentions_person(from_tags.text.split())
-    kept = captioner.caption(astronaut, unsure_below=0.5)
+    kept = captioner.with_settings("routing.unsure_below=0.5").caption(astronaut)
     assert kept.unsure and not kept.from_tags and mentions_person(kept.text.split())
     assert kept.text == captioner.caption(astronaut).text
 
@@ -137,11 +153,11 @@ def test_an_unsure_photo_without_a_single_tag_keeps_the_caption_written_from_it(
     assert captioner.caption(cat).from_tags
     # The encoder names nothing: the fallback would have only its favourite subject to write ("a large white
     # dog sitting on top of a wooden table", whatever the photo).
-    monkeypatch.setattr(captioner.concept_words, "tags", lambda class_probs: [[] for _ in class_probs])
+    monkeypatch.setattr(captioner.writer.concept_words, "top_tags", lambda words: [[] for _ in words])
     kept = captioner.caption(cat)
     assert kept.unsure and not kept.from_tags and kept.tags == []
-    assert kept.text == captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0, unseen_person_below=0.0).text
-    checked = captioner.caption(cat, unsure_below=0.0, unseen_dog_below=0.0)  # the person check: the same
+    assert kept.text == captioner.with_settings(*NO_CHECKS).caption(cat).text
+    checked = captioner.with_settings("routing.unsure_below=0", "routing.unseen_dog_below=0").caption(cat)  # the person check: the same
     assert checked.unsure and not checked.from_tags and checked.text == kept.text
 
 

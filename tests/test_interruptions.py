@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,19 +21,50 @@ from captioner.train import random_states, restore_random_states
 from conftest import tiny_config
 
 
-def kill_when(command: list[str], condition, timeout: float = 240) -> None:
-    """Run `command`, SIGKILL it as soon as `condition()` holds; fail if it ends or times out first."""
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while not condition():
-        if process.poll() is not None:
-            pytest.fail(f"process ended early with {process.returncode}: {process.stderr.read()[-2000:]}")
-        if time.time() > deadline:
-            process.kill()
-            pytest.fail("timed out waiting")
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+# `python -c STOPPING captioner.MODULE:NAME N ARGS...` runs `captioner ARGS...` with NAME (a function, or
+# Class.method) of captioner.MODULE wrapped: its first N calls run, and the next prints STOPPED and waits, for the
+# test to SIGKILL the process there. (Killed when a poll of its output files happened to see enough done, the run
+# was stopped wherever it had got to by then: on a busy machine, midway through writing a file, whose temporary
+# was left behind, or not at all, having finished first.)
+STOPPED = "stopped, waiting to be killed"
+STOPPING = f"""
+import importlib, sys, threading
+from captioner.cli import main
+module, _, name = sys.argv[1].partition(":")
+owner, (*path, name) = importlib.import_module(module), name.split(".")
+for part in path:
+    owner = getattr(owner, part)
+function, limit, calls = getattr(owner, name), int(sys.argv[2]), []
+
+def stopping(*args, **kwargs):
+    if len(calls) == limit:
+        print({STOPPED!r}, flush=True)
+        threading.Event().wait()
+    calls.append(None)
+    return function(*args, **kwargs)
+
+setattr(owner, name, stopping)
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def kill_at_call(function: str, calls: int, args: list[str], log: Path, hang_guard_s: float = 600) -> None:
+    """Run `captioner ARGS` and SIGKILL it as it makes call number calls + 1 of `function`
+    ("captioner.module:name"); fail if the run ends first. Its stderr goes to `log`."""
+    with open(log, "w") as stderr:
+        process = subprocess.Popen([sys.executable, "-c", STOPPING, function, str(calls), *args],
+                                   stdout=subprocess.PIPE, stderr=stderr, text=True)
+    hang_guard = threading.Timer(hang_guard_s, process.kill)  # for a hung run only: nothing here waits on time
+    hang_guard.start()
+    try:
+        stopped = any(line.strip() == STOPPED for line in process.stdout)  # reads until that line or the end
+    finally:
+        hang_guard.cancel()
+        process.kill()
+        process.wait()
+        process.stdout.close()
+    if not stopped:
+        pytest.fail(f"the run ended ({process.returncode}) before it was stopped: {log.read_text()[-2000:]}")
 
 
 def test_training_killed_mid_run_and_resumed_ends_as_an_uninterrupted_run(tiny_flickr8k, trained, tmp_path):
@@ -48,9 +78,10 @@ def test_training_killed_mid_run_and_resumed_ends_as_an_uninterrupted_run(tiny_f
     with open(tmp_path / "whole.log", "w") as whole_log:  # the uninterrupted run trains meanwhile
         whole = subprocess.Popen(command("whole"), stdout=subprocess.DEVNULL, stderr=whole_log)
         killed = tmp_path / "killed"
-        kill_when(command("killed"), lambda: len(read_metrics(killed)) >= 2)
-        assert len(read_metrics(killed)) < 8
-        load_checkpoint(killed / "last.pt")  # whole, never half-written
+        # Killed in its third epoch, trained but not yet evaluated on dev or saved: that epoch's work is lost.
+        kill_at_call("captioner.train:evaluate_features", 2, command("killed")[3:], tmp_path / "killed.log")
+        assert [row["epoch"] for row in read_metrics(killed)] == [1, 2]
+        assert load_checkpoint(killed / "last.pt")[3]["training"]["epoch"] == 2  # whole, never half-written
         assert not list(killed.glob(".*.tmp"))
 
         resumed = subprocess.run([*command("killed"), "--resume"], capture_output=True, text=True, timeout=600)
@@ -110,9 +141,8 @@ def test_caption_run_killed_and_rerun_gives_each_image_exactly_one_row(trained, 
     out = tmp_path / "captions.jsonl"
     command = [sys.executable, "-m", "captioner", "caption", str(folder), "--checkpoint", str(trained[1] / "best.pt"),
                "--out", str(out), "--batch-size", "1", "--workers", "0", "--no-progress"]
-    kill_when(command, lambda: out.is_file() and len(out.read_text().splitlines()) >= 5)
-    done_before = len(out.read_text().splitlines())
-    assert done_before < 49
+    kill_at_call("captioner.caption:RowWriter._write", 5, command[3:], tmp_path / "killed.log")  # at the 6th row
+    assert len(out.read_text().splitlines()) == 5
 
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 3, rerun.stderr[-2000:]

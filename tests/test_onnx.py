@@ -13,10 +13,11 @@ from PIL import Image, ImageOps
 
 from captioner import Captioner
 from captioner.cli import main
-from captioner.encoder import Encoder, EncoderError
+from captioner.describe import decode_features
+from captioner.encoder import EncoderError
 from captioner.features import cached_features
-from captioner.inference import DEFAULT_CHECKPOINT, decode_features
-from captioner.onnx_runtime import cache_dir
+from captioner.inference import DEFAULT_CHECKPOINT
+from captioner.onnx_runtime import build_encoder, cache_dir
 
 ort = pytest.importorskip("onnxruntime")
 EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "captioner" / "examples").glob("*.jpg"))
@@ -34,8 +35,9 @@ def shapes(tiny_flickr8k):
 
 
 def test_onnx_encoder_gives_pytorchs_features_and_is_the_cpu_default(shapes):
-    onnx, eager = Encoder(image_size=64), Encoder(image_size=64, runtime="torch")
+    onnx, eager = build_encoder(image_size=64), build_encoder(image_size=64, runtime="torch")
     assert onnx.runtime == "onnx" and onnx.runtime_on("cuda:0") == "torch"  # GPUs keep torch
+    assert eager.session is None and onnx.session.runtime == "onnx"  # onnx: a session attached to the torch CNN
     images = torch.stack([onnx.transform.load(p) for p in shapes[:6]])
     (pooled, grid), (eager_pooled, eager_grid) = onnx(images), eager(images)
     assert (pooled - eager_pooled).abs().max() < 1e-4 and (grid - eager_grid).abs().max() < 1e-4
@@ -112,9 +114,9 @@ def test_an_unwritable_graph_cache_costs_time_not_captions(trained, shapes, tmp_
 
 def test_runtime_choices_are_checked():
     with pytest.raises(EncoderError, match="int8 runs on ONNX Runtime"):
-        Encoder(image_size=64, runtime="torch", precision="int8")
+        build_encoder(image_size=64, runtime="torch", precision="int8")
     with pytest.raises(EncoderError, match="unknown runtime"):
-        Encoder(image_size=64, runtime="tensorrt")
+        build_encoder(image_size=64, runtime="tensorrt")
 
 
 def test_captions_are_the_same_on_either_runtime(trained, shapes):
@@ -122,7 +124,7 @@ def test_captions_are_the_same_on_either_runtime(trained, shapes):
     onnx = Captioner.from_checkpoint(checkpoint, runtime="onnx")
     eager = Captioner.from_checkpoint(checkpoint, runtime="torch")
     assert onnx.encoder.runtime == "onnx" and eager.encoder.runtime == "torch"
-    assert onnx.searched is not onnx.decoder and eager.searched is eager.decoder  # the decoder's step too
+    assert onnx.writer.searched is not onnx.decoder and eager.writer.searched is eager.decoder  # the decoder's step too
     for beam_size in (1, 3):
         assert [c.text for c in onnx.caption(shapes, beam_size=beam_size)] == \
                [c.text for c in eager.caption(shapes, beam_size=beam_size)]

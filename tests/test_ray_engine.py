@@ -25,8 +25,11 @@ needs_ray = pytest.mark.skipif(ray is None, reason="ray[data] is not installed (
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    """One small local Ray instance for the module; the engine reuses it instead of starting its own."""
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    """One small local Ray instance for the module; the engine reuses it instead of starting its own.
+
+    address="local": a new instance of this test's own, even where RAY_ADDRESS is set or a `ray start` cluster
+    runs on this machine (/tmp/ray/ray_current_cluster), which ray.init() would join instead."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -256,7 +256,7 @@ def test_one_image_search_equals_the_batched_search(beam_size, length_penalty, n
         for image in random_features(model, 10).split(1):
             alone = beam_search(model, image, **options)[0]
             with torch.inference_mode():
-                batched = search._search(model, image, None, torch.zeros(1, dtype=torch.long), **options)[0][0]
+                batched = search._search(model, image, **options)[0]
             assert [(h.tokens, h.score, h.log_prob, h.finished) for h in alone] == \
                    [(h.tokens, h.score, h.log_prob, h.finished) for h in batched]
 

@@ -12,6 +12,8 @@ import captioner.features as features
 from captioner import Captioner
 from captioner.encoder import Encoder
 from captioner.features import extract_features
+from captioner.folders import caption_files, default_workers
+from captioner.onnx_runtime import build_encoder
 
 
 @pytest.fixture
@@ -33,7 +35,7 @@ def test_caption_files_equals_one_image_at_a_time(trained, folder, monkeypatch, 
     if workers:
         monkeypatch.setattr(features, "IN_PROCESS_UP_TO", 0)  # a worker process even for this small folder
     got = {}
-    for index, captions, error in captioner.caption_files(folder, batch_size, workers, n_best=2, beam_size=beam_size):
+    for index, captions, error in caption_files(captioner, folder, batch_size, workers, n_best=2, beam_size=beam_size):
         assert index not in got
         got[index] = (captions, error)
     assert sorted(got) == list(range(len(folder)))
@@ -58,7 +60,7 @@ def test_inference_layout_keeps_the_numbers(tiny_flickr8k):
     """Folded symmetric padding and in-place ReLU6 change no feature: same as the package's own model."""
     from efficientnet_lite_pytorch import EfficientNet
 
-    encoder = Encoder("efficientnet_lite0", "default", image_size=224, runtime="torch")
+    encoder = Encoder("efficientnet_lite0", "default", image_size=224)  # no session attached: torch
     plain = EfficientNet.from_name("efficientnet-lite0")
     plain.load_state_dict(encoder.backbone.model.state_dict())
     plain = plain.eval().to(memory_format=torch.channels_last)
@@ -72,7 +74,7 @@ def test_inference_layout_keeps_the_numbers(tiny_flickr8k):
 
 
 def test_feature_cache_numbers_do_not_depend_on_the_cnn_batch(tiny_flickr8k):
-    encoder = Encoder("efficientnet_lite0", "default", image_size=64)
+    encoder = build_encoder("efficientnet_lite0", "default", image_size=64)
     paths = sorted((tiny_flickr8k / "images").glob("*.jpg"))[:12]
     small, _ = extract_features(encoder, paths, batch_size=4, num_workers=0, progress=False)
     large, _ = extract_features(encoder, paths, batch_size=12, num_workers=0, progress=False)
@@ -80,17 +82,16 @@ def test_feature_cache_numbers_do_not_depend_on_the_cnn_batch(tiny_flickr8k):
     assert torch.allclose(small.float(), large.float(), rtol=1e-3, atol=1e-3)  # fp16: equal up to rounding
 
 
-def test_worker_processes_where_the_cnn_leaves_cpu_time_and_one_per_spare_core_on_a_gpu(trained, monkeypatch):
-    captioner = Captioner.from_checkpoint(trained[1] / "best.pt")
+def test_worker_processes_where_the_cnn_leaves_cpu_time_and_one_per_spare_core_on_a_gpu(monkeypatch):
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
-    assert captioner.default_workers() == 0  # torch's threads fill the CPU: decode in process
+    assert default_workers(cpu) == 0  # torch's threads fill the CPU: decode in process
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert captioner.default_workers() == 1
+    assert default_workers(cpu) == 1
     # On a GPU the decoding sets the pace: a process per spare core, up to 8.
-    monkeypatch.setattr(captioner, "device", torch.device("cuda"))
-    assert captioner.default_workers() == 3
+    assert default_workers(gpu) == 3
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
-    assert captioner.default_workers() == 8
+    assert default_workers(gpu) == 8
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
-    assert captioner.default_workers() == 1
+    assert default_workers(gpu) == 1

@@ -1,4 +1,5 @@
-"""How far back a trained decoder remembers: the measurements behind the RNN / LSTM / GRU claim.
+"""How far back a trained decoder remembers: the measurements behind the RNN / LSTM / GRU claim
+(bench/cell_memory.py runs them on trained decoders).
 
 All three run a CaptionDecoder one token at a time under teacher forcing (eval mode, no dropout)
 on captions given as a [N, T] tensor of ids that starts with <bos>. Step j reads token j with the
@@ -16,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .decoder import CaptionDecoder, State
+from captioner.decoder import CaptionDecoder, State
 
 
 def _check(decoder: nn.Module) -> None:
