@@ -51,6 +51,7 @@ def decode_features(decoder, vocab: Vocabulary, features: torch.Tensor, options:
 
 
 def unchanged(decoder):
+    """The stepper that searches a decoder as it is (in PyTorch)."""
     return decoder
 
 

@@ -20,7 +20,7 @@ import torch
 from .checkpoint import CheckpointError, load_checkpoint, load_domain, load_fallback
 from .concepts import default_concept_words
 from .config import Config, ConfigError, DecodeConfig, with_settings
-from .describe import Caption, CaptionWriter, TagWriter
+from .describe import Caption, CaptionWriter, TagWriter, unchanged
 from .devices import resolve_device
 from .encoder import Encoder
 from .onnx_runtime import DecoderSession, encoder_from_config
@@ -45,6 +45,8 @@ def example_photos() -> list[Path]:
 
 
 class Captioner:
+    """Photos -> captions: the encoder makes features, the writer (describe.CaptionWriter) captions them."""
+
     def __init__(self, config: Config, encoder: Encoder, writer: CaptionWriter, device: torch.device):
         self.config, self.encoder, self.writer, self.device = config, encoder, writer, device
 
@@ -70,7 +72,7 @@ class Captioner:
         check_encoder_fits(path, payload["encoder"], encoder)
         decoder, encoder = decoder.to(device).eval(), encoder.to(device).eval()
         # The search steps the decoders in the encoder's runtime: on ONNX Runtime, a CPU's steps are faster.
-        stepper = DecoderSession if encoder.runtime_on(device) == "onnx" else (lambda d: d)
+        stepper = DecoderSession if encoder.runtime_on(device) == "onnx" else unchanged
         concept_words = default_concept_words()
         fallback = load_fallback(payload, path)
         tag_writer = TagWriter(fallback[0], fallback[1].to(device).eval(), encoder.class_weights(), concept_words,
