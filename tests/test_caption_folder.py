@@ -12,6 +12,7 @@ import pytest
 
 from captioner.caption import collect_images
 from captioner.cli import main
+from captioner.inference import EXAMPLES_DIR
 
 
 @pytest.fixture
@@ -132,3 +133,19 @@ def test_out_in_a_new_folder_is_made_and_bad_workers_are_refused(trained, tiny_f
     assert json.loads(out.read_text())["caption"]
     assert main(["caption", photo, "--checkpoint", checkpoint, "--workers", "-1"]) == 1
     assert "--workers must be >= 0" in capsys.readouterr().err
+    assert main(["caption", photo, "--checkpoint", checkpoint, "--engine", "ray", "--workers", "2"]) == 1
+    assert "--workers is for the local engine" in capsys.readouterr().err  # refused, not silently dropped
+
+
+def test_set_changes_the_routing_of_a_captioning_run_and_not_the_model(tmp_path, capsys):
+    cat, out = str(EXAMPLES_DIR / "cat.jpg"), tmp_path / "rows.jsonl"
+    assert main(["caption", cat, "--out", str(out), "--no-progress"]) == 0
+    assert json.loads(out.read_text())["from_tags"]  # the shipped model writes the cat from its tags
+    checks_off = ["--set", "routing.unsure_below=0", "--set", "routing.unseen_dog_below=0",
+                  "--set", "routing.unseen_person_below=0"]
+    assert main(["caption", cat, "--out", str(out), "--overwrite", "--no-progress", *checks_off]) == 0
+    row = json.loads(out.read_text())
+    assert not row["from_tags"] and not row["unsure"]  # the photo decoder's caption, trusted
+    capsys.readouterr()
+    assert main(["caption", cat, "--set", "decoder.hidden_dim=8"]) == 1
+    assert "decoder.hidden_dim describes the trained model" in capsys.readouterr().err
