@@ -21,7 +21,9 @@ class Forgetter:
         self.root = Path(root).resolve()
         self.after = after
         self.keep = keep
-        self.forgotten: list[str] = []  # what was deleted, for tests and benches
+        # The last files deleted (for tests; bounded, as a server runs for days) and how many in all.
+        self.forgotten: deque[str] = deque(maxlen=1000)
+        self.count = 0
         self._due: deque[tuple[float, float, list[str]]] = deque()  # (deadline, answered at, paths), in order
         self._changed = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -75,6 +77,7 @@ class Forgetter:
             except FileNotFoundError:
                 continue
             self.forgotten.append(path)
+            self.count += 1
             parent = Path(path).parent
             if parent != self.root:
                 try:

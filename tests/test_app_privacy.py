@@ -65,11 +65,10 @@ def test_uploads_and_previews_are_deleted_after_the_answer_and_no_empty_file_is_
         app.close()
 
 
-def test_the_forgetter_leaves_files_outside_the_temp_folder_alone(captioner, tiny_flickr8k):
-    gallery, _ = webapp.caption_uploads(captioner, [str(tiny_flickr8k / "images" / "red_square_2.jpg")])
+def test_the_forgetter_leaves_files_outside_the_temp_folder_alone(tiny_flickr8k):
     forgetter = webapp.Forgetter(GRADIO_TEMP_DIR, after=0)
-    forgetter.later([str(tiny_flickr8k / "images" / "red_square_2.jpg")])
-    assert forgetter.wait_until_done(timeout=60) and forgetter.forgotten == []
+    forgetter.later([str(tiny_flickr8k / "images" / "red_square_2.jpg"), str(GRADIO_TEMP_DIR)])
+    assert forgetter.wait_until_done(timeout=60) and not forgetter.forgotten and forgetter.count == 0
     assert (tiny_flickr8k / "images" / "red_square_2.jpg").exists()
 
 
