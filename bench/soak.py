@@ -162,8 +162,15 @@ def proc_status(pid: int) -> dict:
 
 
 def folder_size(folder: Path) -> tuple[float, int]:
-    files = [p for p in folder.rglob("*") if p.is_file()]
-    return sum(p.stat().st_size for p in files if p.exists()) / MIB, len(files)
+    """(MiB, files) in the temp folder, while the app deletes files and folders in it."""
+    sizes = []
+    for parent, _, names in os.walk(folder):  # os.walk skips a folder deleted under it; rglob raises
+        for name in names:
+            try:
+                sizes.append(os.stat(os.path.join(parent, name)).st_size)
+            except FileNotFoundError:
+                continue
+    return sum(sizes) / MIB, len(sizes)
 
 
 def percentile(values: list[float], q: float) -> float | None:
