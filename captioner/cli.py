@@ -293,14 +293,18 @@ def add_app(commands) -> None:
     app.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve other machines")
     app.add_argument("--port", type=port_number, default=7860)
     app.add_argument("--share", action="store_true", help="ask Gradio for a public link (needs internet)")
+    app.add_argument("--password-file", metavar="FILE",
+                     help="a file whose first line is the password the page and the API ask for (or set "
+                     "CAPTIONER_APP_PASSWORD); without one, --share or a --host others can reach is open to anyone")
     add_runtime_options(app)
     app.set_defaults(run=run_app)
 
 
 def run_app(args) -> int:
-    from .webapp import serve
+    from .webapp import read_password, serve
 
-    return serve(args.checkpoint, args.host, args.port, args.share, args.device, settings=model_settings(args))
+    return serve(args.checkpoint, args.host, args.port, args.share, args.device, settings=model_settings(args),
+                 password=read_password(args.password_file))
 
 
 def add_download(commands) -> None:

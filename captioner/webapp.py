@@ -6,8 +6,12 @@ concurrent requests (`caption_uploads` is one request); `build_app` only lays ou
 from __future__ import annotations
 
 import errno
+import hmac
+import ipaddress
+import os
 import socket
 import sys
+import tempfile
 from pathlib import Path
 
 import gradio as gr
@@ -16,6 +20,7 @@ from .caption import tags_text
 from .config import ConfigError
 from .describe import Caption
 from .folders import caption_files
+from .forget import Forgetter
 from .inference import Captioner, example_photos
 from .transform import load_image
 
@@ -23,6 +28,11 @@ MAX_FILE_SIZE = "50mb"  # room for big phone JPEGs (up to 200 megapixels), which
 MAX_BATCH = 16  # concurrent requests captioned together
 BROWSER_FORMATS = {".jpg", ".jpeg", ".jpe", ".png", ".gif", ".webp", ".bmp", ".avif"}
 GALLERY_SIZE = 512
+QUEUE_SIZE = 64  # requests waiting; one more is told the app is busy
+FORGET_AFTER = 30.0  # seconds an answer's files stay: time for a browser to fetch the gallery's images
+# Gradio's own sweep (every minute, files over 15 minutes old): uploads that no request ever captioned.
+UNCAPTIONED_UPLOADS = (60, 900)
+PASSWORD_VARIABLE = "CAPTIONER_APP_PASSWORD"
 # The table's columns: those of `captioner caption`'s rows (caption.py FIELDS), with the file's name and the rank.
 TABLE_HEADERS = ["file", "rank", "caption", "score", "confidence", "unsure", "from tags", "the photo shows", "error"]
 TABLE_TYPES = ["str", "number", "str", "number", "number", "bool", "bool", "str", "str"]
@@ -39,14 +49,31 @@ def table_error_row(name: str, error: str) -> list:
     return [name, None, "", None, None, None, None, "", error]
 
 
-def browser_view(path: str):
-    """What the gallery shows: the file itself where browsers display its format, else a JPEG-sized copy (a
-    phone's HEIC or a TIFF would show as a broken image)."""
+def uploads_as_paths(files: gr.File) -> gr.File:
+    """gr.File(type="filepath") less the empty temp file that Gradio makes, and never deletes, for every file it
+    passes on (gradio 6.31, components/file.py `_process_single_file`): each upload is passed on as its path.
+    (The instance's method, not a subclass: Gradio writes a .pyi beside the module of every Component subclass.)"""
+    files._process_single_file = lambda data: gr.utils.NamedString(data.path)
+    return files
+
+
+def temp_folder() -> Path:
+    """Where Gradio keeps uploads: GRADIO_TEMP_DIR, else the system's temp folder's gradio/."""
+    return Path(gr.utils.get_upload_folder())
+
+
+def browser_view(path: str) -> str:
+    """What the gallery shows: the file itself where browsers display its format, else a JPEG preview in the
+    app's temp folder (a phone's HEIC or a TIFF would show as a broken image), which is forgotten with it."""
     if Path(path).suffix.lower() in BROWSER_FORMATS:
         return path
     preview = load_image(path, draft_size=GALLERY_SIZE)
     preview.thumbnail((GALLERY_SIZE, GALLERY_SIZE))
-    return preview
+    temp_folder().mkdir(parents=True, exist_ok=True)
+    handle, name = tempfile.mkstemp(prefix="preview-", suffix=".jpg", dir=temp_folder())
+    with os.fdopen(handle, "wb") as file:
+        preview.convert("RGB").save(file, format="JPEG", quality=85)
+    return name
 
 
 def gallery_text(caption: Caption) -> str:
@@ -86,12 +113,10 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
         if not request_files:
             tables[request] = [table_error_row("", "Upload at least one image.")]
             continue
-        if isinstance(request_files, (str, Path)):
-            request_files = [request_files]
         beam = 1 if decoding[request] == "greedy" else int(beam_size[request])
         options = (beam, max(1, min(int(n_best[request]), beam)), int(max_length[request]),
                    float(length_penalty[request]), int(no_repeat_ngram_size[request]))
-        paths = [str(getattr(file, "name", file)) for file in request_files]
+        paths = paths_of(request_files)
         groups.setdefault(options, []).append((request, paths))
     for (beam, best, longest, penalty, no_repeat), members in groups.items():
         paths = [path for _, request_paths in members for path in request_paths]
@@ -126,9 +151,36 @@ def warm_up(captioner: Captioner) -> None:
             print(f"app: warning: could not caption an example photo: {error}", file=sys.stderr)
 
 
-def build_app(captioner: Captioner) -> gr.Blocks:
+def paths_of(files) -> list[str]:
+    """The paths of one request's uploads (a list of paths or of file objects, or one path)."""
+    if not files:
+        return []
+    if isinstance(files, (str, Path)):
+        files = [files]
+    return [str(getattr(file, "name", file)) for file in files]
+
+
+def answer_and_forget(captioner: Captioner, forgetter: Forgetter, *lists) -> tuple[list, list]:
+    """caption_requests, then the requests' uploads and previews are handed to the forgetter: deleted a little
+    after the answer goes out (FORGET_AFTER), whatever the answer was."""
+    made: list[str] = []
+    try:
+        galleries, tables = caption_requests(captioner, *lists)
+        made = [image for gallery in galleries for image, _ in gallery]
+        return galleries, tables
+    finally:
+        forgetter.later([path for files in lists[0] for path in paths_of(files)] + made)
+
+
+def kept_files(app: gr.Blocks) -> set[str]:
+    """The files the app's components keep (the example photos' cached copies), which are no one's upload."""
+    return set().union(*(getattr(block, "keep_in_cache", set()) for block in app.blocks.values()))
+
+
+def build_app(captioner: Captioner, forget_after: float = FORGET_AFTER, queue_size: int = QUEUE_SIZE) -> gr.Blocks:
+    """The page, and its API endpoint `/caption`; `app.forgetter` deletes each answer's files."""
     defaults = captioner.config.decode
-    with gr.Blocks(title="captioner") as app:
+    with gr.Blocks(title="captioner", delete_cache=UNCAPTIONED_UPLOADS) as app:
         gr.Markdown("# captioner\nUpload photos; a CNN encoder and a recurrent decoder describe them. "
                     "A caption marked *unsure* may be wrong: the photo is unlike the model's training photos, or "
                     "the caption names a person or a dog the model cannot see. *The photo shows* lists what the "
@@ -136,7 +188,7 @@ def build_app(captioner: Captioner) -> gr.Blocks:
                     "the photo.")
         with gr.Row():
             with gr.Column(scale=1):
-                files = gr.File(label="Images", file_count="multiple", type="filepath")
+                files = uploads_as_paths(gr.File(label="Images", file_count="multiple", type="filepath"))
                 decoding = gr.Radio(["beam", "greedy"], value="beam", label="Decoding")
                 beam_size = gr.Slider(1, 10, value=max(defaults.beam_size, 1), step=1, label="Beam size")
                 max_length = gr.Slider(5, 40, value=defaults.max_length, step=1, label="Maximum length (words)")
@@ -153,12 +205,15 @@ def build_app(captioner: Captioner) -> gr.Blocks:
         examples = [str(p) for p in example_photos()]
         if examples:
             gr.Examples([[[p]] for p in examples], inputs=[files], label="Example photos")
+            # Their copies in the temp folder, just made: kept, by Gradio's sweep and the forgetter alike.
+            files.keep_in_cache.update(files.temp_files)
         # Concurrent users' requests wait while a batch runs, then go together (up to MAX_BATCH requests):
         # one CNN pass and one beam search for all their photos instead of one each.
-        button.click(lambda *lists: caption_requests(captioner, *lists),
+        app.forgetter = Forgetter(temp_folder(), forget_after, keep=lambda: kept_files(app))
+        button.click(lambda *lists: answer_and_forget(captioner, app.forgetter, *lists),
                      [files, decoding, beam_size, max_length, length_penalty, no_repeat, n_best],
                      [gallery, table], api_name="caption", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
-    app.queue(max_size=64)
+    app.queue(max_size=queue_size)
     return app
 
 
@@ -177,11 +232,52 @@ def cannot_serve_on(host: str, port: int) -> str | None:
     return None
 
 
+def read_password(password_file: str | None = None) -> str | None:
+    """The app's password: the first line of `password_file`, else $CAPTIONER_APP_PASSWORD, else None."""
+    if password_file:
+        try:
+            lines = Path(password_file).read_text(encoding="utf-8").splitlines()
+        except OSError as error:
+            raise ConfigError(f"cannot read --password-file {password_file}: {error.strerror or error}")
+        if not lines or not lines[0].strip():
+            raise ConfigError(f"--password-file {password_file} is empty: put the password on its first line")
+        return lines[0].strip()
+    return os.environ.get(PASSWORD_VARIABLE) or None
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name other than localhost: reachable by whoever resolves it
+
+
+def exposure_warning(host: str, share: bool, password: str | None) -> str | None:
+    """The warning for an app that others can reach (a public link, or an address not this machine's own)
+    with no password; None where there is a password or only this machine can reach it."""
+    if password or not (share or not is_loopback(host)):
+        return None
+    where = "a public link (--share)" if share else f"{host}, which other machines can reach"
+    return (f"app: warning: anyone who can reach {where} can use the app and see its answers: no password is "
+            f"set (put one in a file for --password-file, or in ${PASSWORD_VARIABLE})")
+
+
+def password_check(password: str):
+    """Gradio's auth: any user name, this password (compared in constant time)."""
+    return lambda username, given: hmac.compare_digest(given.encode(), password.encode())
+
+
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           device: str = "cpu", runtime: str | None = None, precision: str | None = None,
-          settings: list[str] = ()) -> int:
+          settings: list[str] = (), password: str | None = None) -> int:
     """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped. `runtime`,
-    `precision` and `settings` change the model's config (Captioner.from_checkpoint)."""
+    `precision` and `settings` change the model's config (Captioner.from_checkpoint); a `password` protects the
+    page and the API alike."""
+    warning = exposure_warning(host, share, password)
+    if warning:
+        print(warning, file=sys.stderr)
     problem = cannot_serve_on(host, port)  # before the model loads: say it at once
     if problem:
         raise ConfigError(problem)
@@ -189,5 +285,6 @@ def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 78
                                           precision=precision)
     warm_up(captioner)
     build_app(captioner).launch(server_name=host, server_port=port, share=share, max_file_size=MAX_FILE_SIZE,
-                                show_error=True)
+                                show_error=True, auth=password_check(password) if password else None,
+                                auth_message="captioner: any user name, and the app's password")
     return 0
