@@ -254,5 +254,8 @@ def test_heic_photos_are_captioned_with_pillow_heif_and_shown_in_the_app(trained
     assert "red" in captions[0].text and "square" in captions[0].text, captions[0].text
     gallery, table = caption_uploads(captioner, paths)
     assert not any(row[TABLE_HEADERS.index("error")] for row in table)
-    # Browsers show neither HEIC nor TIFF: the gallery gets a picture of them; a JPEG goes as it is.
-    assert [type(shown).__name__ for shown, _ in gallery] == ["Image", "Image", "str"]
+    # Browsers show neither HEIC nor TIFF: the gallery gets a JPEG preview of them (in the app's temp folder,
+    # forgotten with the upload); a JPEG goes as it is.
+    shown = [path for path, _ in gallery]
+    assert shown[2] == paths[2] and all(path not in paths and path.endswith(".jpg") for path in shown[:2])
+    assert [Image.open(path).format for path in shown[:2]] == ["JPEG", "JPEG"]
