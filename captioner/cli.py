@@ -269,19 +269,42 @@ def add_calibrate_int8(commands) -> None:
 
 
 def run_calibrate_int8(args) -> int:
-    from .quantize import calibrate_for_checkpoint
-
     if args.images < 1:
         raise ConfigError("--images must be >= 1")
-    written, used, source = calibrate_for_checkpoint(
-        args.checkpoint, args.data_root, args.folder, count=args.images, progress=not args.no_progress,
-        float_convolutions=args.float_convolutions, depthwise_weight_bits=args.depthwise_weight_bits)
+    written, used, source = calibrate_checkpoint(args)
     if args.out:
         import shutil
 
         shutil.copyfile(written, args.out)
     print(f"int8 encoder calibrated on {used} {source}: {args.out or written}; use it with --precision int8")
     return 0
+
+
+def calibrate_checkpoint(args):
+    """int8 for the CNN of --checkpoint (the shipped model), calibrated on the photos of --folder or on the
+    training photos of --data-root: (the file written, how many photos calibrated it, where they came from)."""
+    from .caption import collect_images
+    from .checkpoint import load_checkpoint
+    from .data import load_dataset
+    from .inference import DEFAULT_CHECKPOINT
+    from .onnx_runtime import encoder_from_config
+    from .quantize import calibrate_int8
+
+    config = load_checkpoint(args.checkpoint or DEFAULT_CHECKPOINT)[0]
+    config.encoder.runtime, config.encoder.precision = "onnx", "fp32"
+    if args.folder:
+        photos, problems, _ = collect_images([args.folder])
+        if problems:
+            raise ConfigError(problems[0][1])
+        source = f"photos of {args.folder}"
+    else:
+        config.data.root = args.data_root
+        photos = [str(record.path) for record in load_dataset(config.data).split("train")]
+        source = f"training photos of {args.data_root}"
+    written, used = calibrate_int8(encoder_from_config(config.encoder), photos, count=args.images,
+                                   progress=not args.no_progress, float_convolutions=args.float_convolutions,
+                                   depthwise_weight_bits=args.depthwise_weight_bits)
+    return written, used, source
 
 
 # app and download

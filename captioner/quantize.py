@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .onnx_runtime import OnnxRuntimeError, encoder_from_config, encoder_graph, graph_path, write_graph
+from .onnx_runtime import OnnxRuntimeError, encoder_graph, graph_path, write_graph
 
 CALIBRATION_IMAGES = 256
 FLOAT_OPS = ("ReduceMean", "Gemm", "MatMul", "Softmax", "Flatten")  # pooling and the head stay fp32
@@ -150,31 +150,3 @@ def calibrate_int8(encoder, paths: Sequence[str], out: str | Path | None = None,
                           depthwise_weight_bits=depthwise_weight_bits)
     return target, used
 
-
-def calibrate_for_checkpoint(checkpoint: str | Path | None, data_root: str | None, folder: str | None,
-                             count: int = CALIBRATION_IMAGES, progress: bool = True, float_convolutions: int = 3,
-                             depthwise_weight_bits: int = 8) -> tuple[Path, int, str]:
-    """`captioner calibrate-int8`: int8 for the CNN of `checkpoint` (the shipped model when None), calibrated on
-    the photos of `folder` or on the training photos of the dataset at `data_root`. Returns the file written, how
-    many photos calibrated it, and where they came from, for the command's message."""
-    # Imported here: the rest of this module quantizes a graph with no checkpoint, dataset or captioner.
-    from .caption import collect_images
-    from .checkpoint import load_checkpoint
-    from .config import ConfigError
-    from .data import load_dataset
-    from .inference import DEFAULT_CHECKPOINT
-
-    config = load_checkpoint(checkpoint or DEFAULT_CHECKPOINT)[0]
-    config.encoder.runtime, config.encoder.precision = "onnx", "fp32"
-    if folder:
-        photos, problems, _ = collect_images([folder])
-        if problems:
-            raise ConfigError(problems[0][1])
-        source = f"photos of {folder}"
-    else:
-        config.data.root = data_root
-        photos = [str(record.path) for record in load_dataset(config.data).split("train")]
-        source = f"training photos of {data_root}"
-    written, used = calibrate_int8(encoder_from_config(config.encoder), photos, count=count, progress=progress,
-                                   float_convolutions=float_convolutions, depthwise_weight_bits=depthwise_weight_bits)
-    return written, used, source
