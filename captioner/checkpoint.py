@@ -7,6 +7,8 @@
      "domain": {"centroids", "dev_similarity",     # optional: how familiar photos are (confidence.py)
                 "person_weight", "person_bias"},  # optional within it: the person probe
      "fallback": {"config", "vocab", "decoder"},   # optional: the tag decoder (decoder.TagDecoder, routing.py)
+     "cells": {cell: {"config", "decoder", "provenance"}},  # optional: more photo decoders, other cells on the
+                                                           # same vocabulary and encoder (decode.cells picks)
      "training": {...}   # optimizer/scheduler/RNG state; only in last.pt, for --resume}
 
 It loads with `torch.load(path, weights_only=True)`: no pickled classes, nothing executable.
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from .confidence import DomainProfile
-from .config import Config, ConfigError, upgraded, with_settings
+from .config import Config, ConfigError, picked_cells, upgraded, with_settings
 from .decoder import build_decoder
 from .files import atomic_save
 from .text import Vocabulary
@@ -35,19 +37,25 @@ class CheckpointError(ValueError):
 
 def save_checkpoint(path: str | Path, config: Config, vocab: Vocabulary, decoder: nn.Module,
                     encoder_info: dict, provenance: dict, training: dict | None = None,
-                    half: bool = False, domain: dict | None = None, fallback: dict | None = None) -> None:
-    weights = {k: v.half() if half and v.is_floating_point() else v for k, v in decoder.state_dict().items()}
+                    half: bool = False, domain: dict | None = None, fallback: dict | None = None,
+                    cells: dict | None = None) -> None:
     payload = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "vocab": list(vocab.words),
-               "decoder": weights, "encoder": dict(encoder_info), "provenance": dict(provenance)}
+               "decoder": weights_of(decoder, half), "encoder": dict(encoder_info), "provenance": dict(provenance)}
     if domain is not None:
         payload["domain"] = dict(domain)
     if fallback is not None:
         payload["fallback"] = dict(fallback)
+    if cells:
+        payload["cells"] = dict(cells)
     if training is not None:
         payload["training"] = training
     # A GPU run's optimizer state lives on the GPU; saved there, the file would not load on a CPU-only machine
     # without map_location. Resuming moves the state back to the parameters' device (Optimizer.load_state_dict).
     atomic_save(on_cpu(payload), path)
+
+
+def weights_of(decoder: nn.Module, half: bool) -> dict:
+    return {k: v.half() if half and v.is_floating_point() else v for k, v in decoder.state_dict().items()}
 
 
 def on_cpu(value):
@@ -139,6 +147,42 @@ def load_fallback(payload: dict, path: str | Path) -> tuple[Vocabulary, nn.Modul
     return vocab, decoder
 
 
+def load_cells(payload: dict, path: str | Path, config: Config, decoder: nn.Module) -> dict[str, nn.Module]:
+    """Every photo decoder a checkpoint holds, by cell: its own (`decoder`, of `config`) and those of "cells"."""
+    cells = {config.decoder.cell: decoder}
+    for cell, inner in (payload.get("cells") or {}).items():
+        entry = {"format": FORMAT, "version": VERSION, "encoder": payload["encoder"], "vocab": payload["vocab"], **inner}
+        cell_config, _, cells[cell], _ = load_checkpoint(path, entry, what=f"{cell} decoder")
+        if cell_config.decoder.cell != cell or cell_config.decoder.inputs != "features":
+            raise CheckpointError(f"{path}: its '{cell}' decoder is a {cell_config.decoder.cell} "
+                                  f"({cell_config.decoder.inputs}) decoder")
+    return cells
+
+
+def cell_entries(paths: list[str | Path], vocab: Vocabulary, encoder_info: dict, taken: set[str],
+                 half: bool = True) -> dict:
+    """Trained photo decoders of other cells (checkpoints) as the "cells" entry of a checkpoint with this
+    vocabulary and encoder; `taken` are the cells it already holds."""
+    entries = {}
+    for path in paths:
+        config, cell_vocab, decoder, payload = load_checkpoint(path)
+        cell = config.decoder.cell
+        if config.decoder.inputs != "features" or config.decoder.attention:
+            raise CheckpointError(f"{path}: not a photo decoder on pooled features (a tag or attention decoder)")
+        if cell in taken or cell in entries:
+            raise CheckpointError(f"{path}: the model already has a {cell} decoder")
+        if list(cell_vocab.words) != list(vocab.words):
+            raise CheckpointError(f"{path}: its vocabulary ({len(cell_vocab)} words) is not the model's "
+                                  f"({len(vocab)} words): train it on the same data and data settings")
+        if payload["encoder"].get("fingerprint") != encoder_info.get("fingerprint"):
+            raise CheckpointError(f"{path}: trained on encoder {payload['encoder'].get('name')} "
+                                  f"({payload['encoder'].get('fingerprint')}), the model's is {encoder_info.get('name')} "
+                                  f"({encoder_info.get('fingerprint')})")
+        provenance = dict(payload.get("provenance", {}), exported_from=str(path), fp16=half)
+        entries[cell] = {"config": config.to_dict(), "decoder": weights_of(decoder, half), "provenance": provenance}
+    return entries
+
+
 def fallback_payload(path: str | Path, encoder_info: dict, image_size: int, half: bool = True) -> dict:
     """A trained fallback checkpoint as the entry another checkpoint carries; its encoder must be the same."""
     config, vocab, decoder, payload = load_checkpoint(path)
@@ -151,19 +195,20 @@ def fallback_payload(path: str | Path, encoder_info: dict, image_size: int, half
     if config.encoder.image_size != image_size:
         raise CheckpointError(f"{path}: its tags came from {config.encoder.image_size} px images, the model's are "
                               f"{image_size} px (train it with the model's encoder settings)")
-    weights = {k: (v.half() if half and v.is_floating_point() else v) for k, v in decoder.state_dict().items()}
-    return {"config": config.to_dict(), "vocab": list(vocab.words), "decoder": weights}
+    return {"config": config.to_dict(), "vocab": list(vocab.words), "decoder": weights_of(decoder, half)}
 
 
 def export_checkpoint(source: str | Path, target: str | Path, half: bool = True, settings: list[str] = (),
-                      domain: dict | None = None, fallback: str | Path | None = None) -> dict:
+                      domain: dict | None = None, fallback: str | Path | None = None,
+                      cells: list[str | Path] = ()) -> dict:
     """Copy a checkpoint for shipping: no optimizer state, fp16 weights by default. Returns its provenance.
 
     `settings` ("decode.beam_size=5", "routing.unsure_below=0.1", "data.root=DIR", ...) change the config
     stored with the model, e.g. to decoding settings chosen on dev by bench/tune_decoding.py; what describes
     the model itself cannot change (config.with_settings). `domain` replaces the familiarity profile
-    (confidence.py), `fallback` (a checkpoint trained by `captioner train-fallback`) the tag decoder;
-    without them the source's, if any, are kept.
+    (confidence.py), `fallback` (a tag decoder's checkpoint, configs/tag-decoder.yaml) the tag decoder;
+    without them the source's, if any, are kept. `cells` (checkpoints of photo decoders of other cells, on the
+    same vocabulary and encoder) are added to the source's.
     """
     config, vocab, decoder, payload = load_checkpoint(source)
     config = with_settings(config, list(settings), f"export of {source}")
@@ -175,6 +220,10 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
         provenance["fallback_from"] = str(fallback)
     fallback_entry = fallback_payload(fallback, payload["encoder"], config.encoder.image_size, half) if fallback \
         else payload.get("fallback")
+    kept_cells = dict(payload.get("cells") or {})
+    added = cell_entries(list(cells), vocab, payload["encoder"], {config.decoder.cell, *kept_cells}, half)
+    picked_cells(config.decode.cells, config.decoder.cell, [config.decoder.cell, *kept_cells, *added])
     save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half,
-                    domain=domain if domain is not None else payload.get("domain"), fallback=fallback_entry)
+                    domain=domain if domain is not None else payload.get("domain"), fallback=fallback_entry,
+                    cells={**kept_cells, **added})
     return provenance

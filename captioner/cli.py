@@ -22,7 +22,7 @@ from .config import ConfigError
 
 EXIT_ERROR = 1
 EXIT_BROKEN_PIPE = 141  # what a shell reports for a tool ended by SIGPIPE
-DECODE_FLAGS = ("beam_size", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size")
+DECODE_FLAGS = ("cells", "beam_size", "max_length", "min_length", "length_penalty", "no_repeat_ngram_size")
 
 
 # Options shared by commands
@@ -42,6 +42,8 @@ def add_model_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 def add_decode_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding (defaults: the checkpoint's decode settings)")
+    group.add_argument("--cell", dest="cells", metavar="CELL", help="the photo decoder that writes: rnn, lstm or gru "
+                       "(the shipped model has all three), or several together with weights, e.g. gru:0.6,lstm:0.4")
     group.add_argument("--beam-size", type=int, help="1 = greedy")
     group.add_argument("--max-length", type=int, help="most words per caption")
     group.add_argument("--min-length", type=int)
@@ -205,6 +207,9 @@ def add_export(commands) -> None:
                         "configs/tag-decoder.yaml) to caption unfamiliar photos from their tags")
     export.add_argument("--data-root", help="with --fit-confidence: where that data is, if not at the checkpoint's "
                         "data.root")
+    export.add_argument("--add-cell", action="append", default=[], metavar="CHECKPOINT",
+                        help="a photo decoder of another cell, trained on the same data and encoder, to ship beside "
+                             "the checkpoint's own (`--cell` picks it); repeatable")
     export.set_defaults(run=run_export)
 
 
@@ -225,7 +230,7 @@ def run_export(args) -> int:
     elif args.data_root:
         raise ConfigError("--data-root is for --fit-confidence")
     export_checkpoint(args.checkpoint, args.out, half=not args.fp32, settings=args.set, domain=domain,
-                      fallback=args.fallback)
+                      fallback=args.fallback, cells=args.add_cell)
     print(f"wrote {args.out} ({Path(args.out).stat().st_size / 1e6:.1f} MB)")
     return 0
 

@@ -6,6 +6,7 @@ rebuild its model, transform and data without any other file.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
@@ -59,6 +60,8 @@ class DecodeConfig:
     min_length: int = 1
     length_penalty: float = 0.0  # hypothesis score = log-prob / (words + 1)**length_penalty
     no_repeat_ngram_size: int = 3  # 0 disables repeat blocking
+    cells: str = ""  # the photo decoders that write: "" the checkpoint's own; one it holds (rnn | lstm | gru); or
+    # several, "gru:0.5,lstm:0.3,rnn:0.2", whose next-word distributions mix with those weights (decoder.Ensemble)
 
 
 @dataclass
@@ -129,7 +132,7 @@ class Config:
             (self.encoder.num_workers >= 0, "encoder.num_workers must be >= 0"),
             (self.encoder.runtime in ("auto", "torch", "onnx"), "encoder.runtime must be auto, torch or onnx"),
             (self.encoder.precision in ("fp32", "int8"), "encoder.precision must be fp32 or int8"),
-            (self.decoder.cell in ("lstm", "gru", "rnn"), "decoder.cell must be lstm, gru or rnn"),
+            (self.decoder.cell in CELL_NAMES, "decoder.cell must be lstm, gru or rnn"),
             (self.decoder.embed_dim >= 1 and self.decoder.hidden_dim >= 1, "decoder sizes must be >= 1"),
             (self.decoder.num_layers >= 1, "decoder.num_layers must be >= 1"),
             (0.0 <= self.decoder.dropout < 1.0, "decoder.dropout must be in [0, 1)"),
@@ -144,6 +147,8 @@ class Config:
             (self.decode.max_length >= 1, "decode.max_length must be >= 1"),
             (0 <= self.decode.min_length <= self.decode.max_length, "decode.min_length must be in [0, max_length]"),
             (self.decode.no_repeat_ngram_size >= 0, "decode.no_repeat_ngram_size must be >= 0"),
+            (cell_weights(self.decode.cells) is not None,
+             "decode.cells must be a cell (rnn, lstm or gru) or cells with weights, e.g. gru:0.6,lstm:0.4"),
             (self.train.epochs >= 1, "train.epochs must be >= 1"),
             (self.train.batch_size >= 1, "train.batch_size must be >= 1"),
             (self.train.lr > 0, "train.lr must be > 0"),
@@ -165,6 +170,37 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"{source}: {message}")
+
+
+CELL_NAMES = ("lstm", "gru", "rnn")
+
+
+def cell_weights(cells: str) -> dict[str, float] | None:
+    """decode.cells as {cell: weight}, the weights summing to 1 ({} for ""); None when it is malformed.
+    "gru" -> {gru: 1}; "gru,lstm" -> equal weights; "gru:3,lstm:1" -> {gru: 0.75, lstm: 0.25}."""
+    weights = {}
+    for part in filter(None, (p.strip() for p in cells.split(","))):
+        name, _, weight = part.partition(":")
+        try:
+            weights[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            return None
+    if any(name not in CELL_NAMES or not 0 < w < math.inf for name, w in weights.items()):
+        return None
+    if len(weights) != len([p for p in cells.split(",") if p.strip()]):
+        return None  # a cell named twice
+    total = sum(weights.values())
+    return {name: w / total for name, w in weights.items()}
+
+
+def picked_cells(cells: str, own: str, held) -> dict[str, float]:
+    """The photo decoders decode.cells picks among those a model holds, with their weights ("": its own cell)."""
+    weights = cell_weights(cells) or {own: 1.0}
+    missing = sorted(set(weights) - set(held))
+    if missing:
+        raise ConfigError(f"decode.cells asks for {', '.join(missing)}, but this model has "
+                          f"{', '.join(sorted(held))} decoders only")
+    return weights
 
 
 def upgraded(values: dict) -> dict:

@@ -7,6 +7,8 @@ advances one token at a time for greedy and beam search.
 AttentionDecoder (decoder.attention: true) is Show, Attend and Tell's soft attention: it sees
 the encoder's grid [B, L, D] (L = H * W cells) and at every word looks again at the cells.
 
+Ensemble mixes several trained decoders' next-word distributions (decode.cells with weights).
+
 TagDecoder (decoder.inputs: tags) is a CaptionDecoder started from the photo's tags instead of its
 features: the tag decoder that writes the captions of photos the photo decoder does not know
 (routing.py; how it is trained and helped along: fallback.py).
@@ -153,6 +155,34 @@ class TagDecoder(CaptionDecoder):
             for word, probability in image_tags:
                 vector[row, position[word]] = probability
         return vector / vector.sum(1, keepdim=True).clamp_min(1e-6)
+
+
+class Ensemble:
+    """Several photo decoders as one for the searches: each cell starts from its own state built from the same
+    features, and each step's next-word distribution is their weighted mixture, log sum_i w_i p_i(word), a
+    distribution itself (so scores stay log-probabilities). The state is the tuple of the members' states."""
+
+    uses_grid = False
+
+    def __init__(self, members: dict[str, object], weights: dict[str, float]):
+        if set(members) != set(weights) or not members:
+            raise ValueError(f"an ensemble needs a weight per member: {sorted(members)} vs {sorted(weights)}")
+        if any(getattr(m, "uses_grid", False) for m in members.values()):
+            raise ValueError("an ensemble's members read pooled features: attention decoders cannot take part")
+        if len({m.vocab_size for m in members.values()}) != 1:
+            raise ValueError("an ensemble's members must share their vocabulary")
+        self.members, self.weights = members, weights
+        self.vocab_size = next(iter(members.values())).vocab_size
+        self._log_weights = torch.tensor([weights[name] for name in members]).log().view(-1, 1, 1)
+
+    def init_state(self, features: torch.Tensor) -> tuple:
+        return tuple(member.init_state(features) for member in self.members.values())
+
+    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        steps = [member.step(tokens, s) for member, s in zip(self.members.values(), state)]
+        log_probs = torch.stack([lp.float() for lp, _ in steps])  # [members, N, V]
+        mixed = torch.logsumexp(log_probs + self._log_weights.to(log_probs.device), dim=0)
+        return mixed, tuple(s for _, s in steps)
 
 
 def build_decoder(vocab_size: int, feature_dim: int, config: DecoderConfig) -> nn.Module:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .concepts import ConceptWords, Tag
-from .config import DecodeConfig, RoutingConfig
+from .config import DecodeConfig, RoutingConfig, picked_cells
 from .confidence import DomainProfile
-from .decoder import TagDecoder
+from .decoder import Ensemble, TagDecoder
 from .fallback import OnceOnlyWords, WordBorrowing
 from .routing import PHOTO, TAGS, batch_signals, route
 from .search import beam_search, greedy_search
@@ -73,15 +73,27 @@ class TagWriter:
 
 
 class CaptionWriter:
-    """Features of a batch -> captions, each written by the decoder the routing picks (routing.py)."""
+    """Features of a batch -> captions, each written by the decoder the routing picks (routing.py).
 
-    def __init__(self, vocab: Vocabulary, decoder, classify: Callable, concept_words: ConceptWords,
+    `decoders` are the model's photo decoders by cell, its own first; decode.cells picks one, or several that
+    write together (decoder.Ensemble)."""
+
+    def __init__(self, vocab: Vocabulary, decoders: dict, classify: Callable, concept_words: ConceptWords,
                  domain: DomainProfile | None = None, tag_writer: TagWriter | None = None,
                  stepper: Callable = unchanged):
-        self.vocab, self.decoder = vocab, decoder
-        self.searched = stepper(decoder)
+        self.vocab, self.decoders = vocab, decoders
+        self.decoder = next(iter(decoders.values()))  # the model's own
+        self.stepped = {cell: stepper(decoder) for cell, decoder in decoders.items()}
+        self.searched = self.stepped[self.decoder.cell]
         self.classify = classify  # pooled features [B, D] -> the ImageNet head's class probabilities [B, 1000]
         self.concept_words, self.domain, self.tag_writer = concept_words, domain, tag_writer
+
+    def searcher(self, cells: str):
+        """What the searches step for decode.cells: one cell's decoder, or the ensemble of several."""
+        weights = picked_cells(cells, self.decoder.cell, self.decoders)
+        if len(weights) == 1:
+            return self.stepped[next(iter(weights))]
+        return Ensemble({cell: self.stepped[cell] for cell in weights}, weights)
 
     @torch.inference_mode()
     def describe(self, features: torch.Tensor, decode: DecodeConfig, routing: RoutingConfig,
@@ -95,7 +107,7 @@ class CaptionWriter:
         from_photo = [i for i, r in enumerate(routes) if r.writer == PHOTO]
         if from_photo:
             rows = torch.tensor(from_photo, device=features.device)
-            written = decode_features(self.searched, self.vocab, features[rows], decode, n_best)
+            written = decode_features(self.searcher(decode.cells), self.vocab, features[rows], decode, n_best)
             for i, image_captions in zip(from_photo, written):
                 captions[i] = image_captions
                 # The second look: the dog and person checks read the words the photo decoder wrote.

@@ -95,27 +95,39 @@ def evaluate(checkpoint: str | Path | None = None, split: str = "test", settings
                                 captioner.encoder)
     records = readable(records, table)
     features = table.lookup([r.path for r in records])
-    described = []  # the path `captioner caption` takes: routing, tag decoder and all
+    scored, described = describe_and_score(captioner, features, records, progress=progress)
+    captions = [c.text for c in described]
+    result = {"checkpoint": str(checkpoint or DEFAULT_CHECKPOINT), "dataset": dataset.name, "split": split,
+              "images": len(records), "cells": config.decode.cells or config.decoder.cell,
+              "beam_size": config.decode.beam_size, "max_length": config.decode.max_length,
+              "length_penalty": config.decode.length_penalty,
+              "no_repeat_ngram_size": config.decode.no_repeat_ngram_size, **scored}
+    if out:
+        rows = [{"path": str(r.path), "caption": c, "references": r.captions} for r, c in zip(records, captions)]
+        write_text_atomic(Path(out), "".join(json.dumps(row) + "\n" for row in rows))
+        print(f"wrote {len(rows)} captions to {out}", file=sys.stderr)
+    return result
+
+
+@torch.inference_mode()
+def describe_and_score(captioner: Captioner, features: torch.Tensor, records: list[ImageRecord],
+                       decode=None, progress: bool = False) -> tuple[dict, list]:
+    """Caption features as `captioner caption` does (routing, tag decoder and all) under `decode` (default: the
+    model's) and score them: the scores, the person/dog hallucination and the scores of the images whose
+    references name neither, the shares unsure and from tags; and the captions."""
+    described = []
     for start in tqdm(range(0, len(features), DECODE_BATCH), desc="decoding", disable=not progress, file=sys.stderr):
-        described += [c[0] for c in captioner.describe(features[start:start + DECODE_BATCH].to(captioner.device))]
+        described += [c[0] for c in captioner.describe(features[start:start + DECODE_BATCH].to(captioner.device),
+                                                       decode)]
     captions = [c.text for c in described]
     references = [[tokenize(c) for c in r.captions] for r in records]
     scores = caption_scores(references, [c.split() for c in captions])
     subset = without_person_dog(references)
     subset_scores = overlap_scores([references[i] for i in subset], [captions[i].split() for i in subset]) \
         if subset else None
-    result = {"checkpoint": str(checkpoint or DEFAULT_CHECKPOINT), "dataset": dataset.name, "split": split,
-              "images": len(records), "beam_size": config.decode.beam_size, "max_length": config.decode.max_length,
-              "length_penalty": config.decode.length_penalty,
-              "no_repeat_ngram_size": config.decode.no_repeat_ngram_size, **scores,
-              "without_person_dog": subset_scores,
-              "unsure": sum(c.unsure for c in described) / len(described) if captioner.writer.domain else None,
-              "from_tags": sum(c.from_tags for c in described) / len(described)}
-    if out:
-        rows = [{"path": str(r.path), "caption": c, "references": r.captions} for r, c in zip(records, captions)]
-        write_text_atomic(Path(out), "".join(json.dumps(row) + "\n" for row in rows))
-        print(f"wrote {len(rows)} captions to {out}", file=sys.stderr)
-    return result
+    return {**scores, "without_person_dog": subset_scores,
+            "unsure": sum(c.unsure for c in described) / len(described) if captioner.writer.domain else None,
+            "from_tags": sum(c.from_tags for c in described) / len(described)}, described
 
 
 def scores_text(result: dict) -> str:
@@ -124,7 +136,8 @@ def scores_text(result: dict) -> str:
         return (", ".join(f"BLEU-{n} {values[f'bleu{n}']:.4f}" for n in range(1, 5))
                 + f", CIDEr-D {values['cider_d']:.4f}, ROUGE-L {values['rouge_l']:.4f}")
 
-    line = f"{result['dataset']} {result['split']} ({result['images']} images), beam {result['beam_size']}: "
+    line = f"{result['dataset']} {result['split']} ({result['images']} images), {result['cells']}, " \
+           f"beam {result['beam_size']}: "
     if result["person_dog_hallucination"] is None:
         return line + scores(result) + "; person/dog hallucination n/a (every image's references name a person " \
                                        "or a dog)"

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import load_checkpoint
+from .checkpoint import load_cells, load_checkpoint
 from .concepts import MIN_TAG_PROBABILITY, TOP_TAGS, default_concept_words
-from .config import ConfigError, with_settings
+from .config import ConfigError, picked_cells, with_settings
 from .encoder import EncoderError
 from .onnx_runtime import (OPSET, EncoderGraph, encoder_from_config, export_decoder_step, export_encoder,
                            export_module, graph_path, state_names)
@@ -60,6 +60,16 @@ def export_decoder(decoder, feature_shape: tuple[int, ...], out_dir: Path) -> di
                              "state_batch_axis": 1}}
 
 
+def chosen_decoder(checkpoint, config, decoder, payload) -> nn.Module:
+    """The photo decoder the model's captions come from (decode.cells): the ONNX export holds one."""
+    held = load_cells(payload, checkpoint, config, decoder)
+    cells = picked_cells(config.decode.cells, config.decoder.cell, held)
+    if len(cells) > 1:
+        raise ConfigError(f"{checkpoint}: its captions come from several cells together ({config.decode.cells}); "
+                          f"the ONNX export holds one decoder: choose one with --set decode.cells=CELL")
+    return held[next(iter(cells))]
+
+
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, settings: list[str] = (),
                 int8: bool | None = None) -> dict:
     """Write the ONNX model of a checkpoint to `out_dir`; returns captioner.json's content.
@@ -73,6 +83,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, settings: list[str]
         raise ConfigError(f"{checkpoint}: a tag decoder alone cannot be exported; export the model that "
                           f"carries it")
     config = with_settings(config, list(settings), f"export of {checkpoint}")
+    decoder = chosen_decoder(checkpoint, config, decoder, payload)
+    config.decode.cells = ""
     config.encoder.runtime, config.encoder.precision = "torch", "fp32"  # the torch weights are what is exported
     encoder = encoder_from_config(config.encoder)
     out = Path(out_dir)
@@ -100,7 +112,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, settings: list[str]
                             "resize to size x size, bilinear, aspect ratio not kept",
                             "HWC uint8 -> CHW float32 / 255, then (x - mean) / std per channel"]},
         "encoder": {"name": encoder.name, "fingerprint": encoder.fingerprint(), "feature_dim": encoder.feature_dim},
-        "decoder": {"cell": config.decoder.cell, "attention": config.decoder.attention,
+        "decoder": {"cell": decoder.cell, "attention": config.decoder.attention,
                     "features": "grid" if decoder.uses_grid else "pooled", "state": state_names(decoder)},
         "vocab": list(vocab.words),
         "special_ids": {"pad": vocab.pad, "bos": vocab.bos, "eos": vocab.eos, "unk": vocab.unk},

@@ -42,9 +42,12 @@ def use_device_in_thread(device: torch.device) -> None:
 
 @torch.inference_mode()
 def caption_files(captioner: Captioner, paths: Sequence[str | Path], batch_size: int = DECODE_BATCH,
-                  num_workers: int | None = None, n_best: int = 1,
+                  num_workers: int | None = None, n_best: int = 1, cells: Sequence[str] = (),
                   **options) -> Iterator[tuple[int, list[Caption] | None, str | None]]:
     """(index, captions, None) or (index, None, error) per path, as each batch of `batch_size` is done.
+
+    `cells` (decode.cells settings, e.g. ["rnn", "lstm", "gru"]) caption each photo once per setting from the
+    same features: its captions are then the first setting's n best, then the next's, and so on.
 
     `num_workers` processes (None: default_workers) decode the files while the CNN encodes them a few at a
     time (Captioner.encoder_batch_size). A batch is searched in a thread while the CNN goes on with the next
@@ -53,7 +56,7 @@ def caption_files(captioner: Captioner, paths: Sequence[str | Path], batch_size:
     A batch's captions come once the next batch is encoded, or at the end; an unreadable file's error
     comes as soon as it is found.
     """
-    decode = captioner.decode_options(**options)
+    decodes = [captioner.decode_options(**options, cells=setting) for setting in cells or [None]]
     chunk = captioner.encoder_batch_size(batch_size)
     num_workers = default_workers(captioner.device) if num_workers is None else num_workers
     waiting: list[int] = []  # indices of the encoded photos not yet searched
@@ -63,7 +66,9 @@ def caption_files(captioner: Captioner, paths: Sequence[str | Path], batch_size:
     searching: list[Future] = []  # the previous batch's search, at most one
 
     def search(indices: list[int], features: torch.Tensor) -> list[tuple[int, list[Caption], None]]:
-        return [(index, c, None) for index, c in zip(indices, captioner.describe(features, decode, n_best))]
+        written = [captioner.describe(features, decode, n_best) for decode in decodes]
+        return [(index, [c for captions in per_setting for c in captions], None)
+                for index, per_setting in zip(indices, zip(*written))]
 
     def finish_search():
         while searching:

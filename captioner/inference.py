@@ -3,6 +3,7 @@
     from captioner import Captioner
     captioner = Captioner.from_checkpoint("runs/flickr8k/best.pt")   # None: the shipped model
     captioner.caption(["photo.jpg"], beam_size=3)[0].text
+    captioner.caption("photo.jpg", cells="lstm").text    # another cell the model holds (captioner.cells)
 
 A Captioner is the encoder (photos -> features) and a CaptionWriter (features -> captions,
 describe.py). `from_checkpoint` is the one way to build one: the CLI, the app, evaluation, Ray and
@@ -17,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint, load_domain, load_fallback
+from .checkpoint import CheckpointError, load_cells, load_checkpoint, load_domain, load_fallback
 from .concepts import default_concept_words
-from .config import Config, ConfigError, DecodeConfig, with_settings
+from .config import Config, ConfigError, DecodeConfig, picked_cells, with_settings
 from .describe import Caption, CaptionWriter, TagWriter, unchanged
 from .devices import resolve_device
 from .encoder import Encoder
@@ -70,14 +71,16 @@ class Captioner:
         device = resolve_device(device)
         encoder = encoder_from_config(config.encoder)
         check_encoder_fits(path, payload["encoder"], encoder)
-        decoder, encoder = decoder.to(device).eval(), encoder.to(device).eval()
+        decoders = {cell: d.to(device).eval() for cell, d in load_cells(payload, path, config, decoder).items()}
+        picked_cells(config.decode.cells, config.decoder.cell, decoders)  # say a missing cell now, not at the first photo
+        encoder = encoder.to(device).eval()
         # The search steps the decoders in the encoder's runtime: on ONNX Runtime, a CPU's steps are faster.
         stepper = DecoderSession if encoder.runtime_on(device) == "onnx" else unchanged
         concept_words = default_concept_words()
         fallback = load_fallback(payload, path)
         tag_writer = TagWriter(fallback[0], fallback[1].to(device).eval(), encoder.class_weights(), concept_words,
                                stepper) if fallback else None
-        writer = CaptionWriter(vocab, decoder, encoder.classify, concept_words, load_domain(payload, path),
+        writer = CaptionWriter(vocab, decoders, encoder.classify, concept_words, load_domain(payload, path),
                                tag_writer, stepper)
         return cls(config, encoder, writer, device)
 
@@ -89,7 +92,13 @@ class Captioner:
                                   f"(load it again for the others)")
         changed = copy.copy(self)
         changed.config = with_settings(self.config, list(settings), "the model's config")
+        picked_cells(changed.config.decode.cells, changed.config.decoder.cell, self.cells)
         return changed
+
+    @property
+    def cells(self) -> list[str]:
+        """The photo decoders this model holds (decode.cells picks among them), its own first."""
+        return list(self.writer.decoders)
 
     @property
     def vocab(self):

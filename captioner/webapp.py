@@ -5,6 +5,7 @@ concurrent requests (`caption_uploads` is one request); `build_app` only lays ou
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import hmac
 import ipaddress
@@ -17,7 +18,7 @@ from pathlib import Path
 import gradio as gr
 
 from .caption import tags_text
-from .config import ConfigError
+from .config import ConfigError, cell_weights, picked_cells
 from .describe import Caption
 from .folders import caption_files
 from .forget import Forgetter
@@ -33,20 +34,53 @@ FORGET_AFTER = 30.0  # seconds an answer's files stay: time for a browser to fet
 # Gradio's own sweep (every minute, files over 15 minutes old): uploads that no request ever captioned.
 UNCAPTIONED_UPLOADS = (60, 900)
 PASSWORD_VARIABLE = "CAPTIONER_APP_PASSWORD"
+# glibc's malloc arenas for the server's threads: its default (8 per core) left RSS 25-30 MiB higher after each
+# burst of requests; two kept it flat (bench/results/soak.md). A user's MALLOC_ARENA_MAX wins.
+MALLOC_ARENAS = 2
+M_ARENA_MAX = -8  # mallopt's parameter number in glibc's malloc.h
 # The table's columns: those of `captioner caption`'s rows (caption.py FIELDS), with the file's name and the rank.
-TABLE_HEADERS = ["file", "rank", "caption", "score", "confidence", "unsure", "from tags", "the photo shows", "error"]
-TABLE_TYPES = ["str", "number", "str", "number", "number", "bool", "bool", "str", "str"]
-TABLE_WIDTHS = ["13%", "5%", "26%", "10%", "10%", "7%", "7%", "15%", "7%"]
+TABLE_HEADERS = ["file", "rank", "caption", "score", "confidence", "unsure", "from tags", "the photo shows", "cell",
+                 "error"]
+TABLE_TYPES = ["str", "number", "str", "number", "number", "bool", "bool", "str", "str", "str"]
+TABLE_WIDTHS = ["12%", "5%", "25%", "8%", "9%", "7%", "7%", "13%", "7%", "7%"]
+# The cell choices besides the model's cells: its ensemble (when its decode.cells names several) and all side by side.
+TOGETHER, COMPARE = "together", "compare side by side"
 
 
-def table_row(name: str, rank: int, caption: Caption) -> list:
+def table_row(name: str, rank: int, caption: Caption, cell: str) -> list:
     confidence = None if caption.confidence is None else round(caption.confidence, 3)
     return [name, rank, caption.text, round(caption.score, 3), confidence, caption.unsure, caption.from_tags,
-            tags_text(caption.tags), ""]
+            tags_text(caption.tags), cell, ""]
 
 
 def table_error_row(name: str, error: str) -> list:
-    return [name, None, "", None, None, None, None, "", error]
+    return [name, None, "", None, None, None, None, "", "", error]
+
+
+def cell_choices(captioner: Captioner) -> list[str]:
+    """The app's choice of photo decoder: each cell the model holds, its ensemble, and all side by side."""
+    if len(captioner.cells) == 1:
+        return list(captioner.cells)
+    together = [TOGETHER] if len(cell_weights(captioner.config.decode.cells) or {}) > 1 else []
+    return [*captioner.cells, *together, COMPARE]
+
+
+def default_cell(captioner: Captioner) -> str:
+    """The choice that writes what `captioner caption` writes: the model's decode.cells."""
+    weights = picked_cells(captioner.config.decode.cells, captioner.config.decoder.cell, captioner.cells)
+    return TOGETHER if len(weights) > 1 else next(iter(weights))
+
+
+def cells_settings(captioner: Captioner, choice: str | None) -> tuple[tuple[str, str], ...]:
+    """(label, decode.cells) of each caption a choice writes per photo: one, or each cell's for COMPARE."""
+    choice = choice or default_cell(captioner)
+    if choice == COMPARE:
+        return tuple((cell, cell) for cell in captioner.cells)
+    if choice == TOGETHER:
+        return ((TOGETHER, captioner.config.decode.cells),)
+    if choice not in captioner.cells:
+        raise gr.Error(f"cell {choice!r}: this model has {', '.join(cell_choices(captioner))}")
+    return ((choice, choice),)
 
 
 def uploads_as_paths(files: gr.File) -> gr.File:
@@ -87,20 +121,27 @@ def gallery_text(caption: Caption) -> str:
            f"the encoder does not see; it seems to show {seen})"
 
 
+def compared_text(labelled: list[tuple[str, Caption]]) -> str:
+    """The captions under a photo in the side-by-side view: each cell's, with its score."""
+    return "\n".join(f"{label}: {gallery_text(caption)} ({caption.score:.2f})" for label, caption in labelled)
+
+
 def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_size: int = 3, max_length: int = 20,
-                    length_penalty: float = 0.0, no_repeat_ngram_size: int = 3, n_best: int = 1):
+                    length_penalty: float = 0.0, no_repeat_ngram_size: int = 3, n_best: int = 1, cell: str = ""):
     """Caption each uploaded file: (gallery of (image, caption), table rows with the n best or the error)."""
     galleries, tables = caption_requests(captioner, [files], [decoding], [beam_size], [max_length], [length_penalty],
-                                         [no_repeat_ngram_size], [n_best])
+                                         [no_repeat_ngram_size], [n_best], [cell])
     return galleries[0], tables[0]
 
 
 def caption_requests(captioner: Captioner, files: list, decoding: list, beam_size: list, max_length: list,
-                     length_penalty: list, no_repeat_ngram_size: list, n_best: list) -> tuple[list, list]:
+                     length_penalty: list, no_repeat_ngram_size: list, n_best: list,
+                     cell: list | None = None) -> tuple[list, list]:
     """Gradio's batch function: several users' requests at once, each argument a list with one item per request.
 
     Requests with the same decoding options are captioned together, in one `caption_files` call: one pass of the
     CNN and one search batch for all their photos (captions are the same as alone: the search is exact per image).
+    `cell` is each request's choice of photo decoder (cell_choices; "" the model's default).
     Returns (galleries, tables), one per request. A request alone gets Gradio's error for no files and its warning
     for no readable image; in a batch, where an error would fail the others too, the table says so.
     """
@@ -115,14 +156,15 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
             continue
         beam = 1 if decoding[request] == "greedy" else int(beam_size[request])
         options = (beam, max(1, min(int(n_best[request]), beam)), int(max_length[request]),
-                   float(length_penalty[request]), int(no_repeat_ngram_size[request]))
+                   float(length_penalty[request]), int(no_repeat_ngram_size[request]),
+                   cells_settings(captioner, cell[request] if cell else None))
         paths = paths_of(request_files)
         groups.setdefault(options, []).append((request, paths))
-    for (beam, best, longest, penalty, no_repeat), members in groups.items():
+    for (beam, best, longest, penalty, no_repeat, cells), members in groups.items():
         paths = [path for _, request_paths in members for path in request_paths]
         results = {index: (captions, error) for index, captions, error in caption_files(
-            captioner, paths, num_workers=0, n_best=best, beam_size=beam, max_length=longest,
-            length_penalty=penalty, no_repeat_ngram_size=no_repeat)}
+            captioner, paths, num_workers=0, n_best=best, cells=[setting for _, setting in cells], beam_size=beam,
+            max_length=longest, length_penalty=penalty, no_repeat_ngram_size=no_repeat)}
         offset = 0
         for request, request_paths in members:
             for index, path in enumerate(request_paths, start=offset):
@@ -131,8 +173,12 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
                 if error is not None:
                     tables[request].append(table_error_row(name, error.replace(path, name)))
                     continue
-                galleries[request].append((browser_view(path), gallery_text(captions[0])))
-                tables[request] += [table_row(name, rank, c) for rank, c in enumerate(captions, start=1)]
+                per_cell = [(label, captions[i * best:(i + 1) * best]) for i, (label, _) in enumerate(cells)]
+                text = compared_text([(label, c[0]) for label, c in per_cell]) if len(cells) > 1 \
+                    else gallery_text(captions[0])
+                galleries[request].append((browser_view(path), text))
+                tables[request] += [table_row(name, rank, c, label) for label, ranked in per_cell
+                                    for rank, c in enumerate(ranked, start=1)]
             offset += len(request_paths)
     if len(files) == 1 and not galleries[0]:
         gr.Warning("None of the uploaded files could be read as an image; see the table.")
@@ -141,12 +187,12 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
 
 def warm_up(captioner: Captioner) -> None:
     """Make a new server's first request as fast as the next ones (0.3 s against 1.2 s here): caption the example
-    photos once, which makes ONNX Runtime's sessions for the CNN and both decoders, and settle matplotlib's
-    default backend, which Gradio otherwise does while it serves the first request."""
+    photos once with every cell, which makes ONNX Runtime's sessions for the CNN and all the decoders, and settle
+    matplotlib's default backend, which Gradio otherwise does while it serves the first request."""
     import matplotlib
 
     matplotlib.get_backend()
-    for _, _, error in caption_files(captioner, example_photos(), num_workers=0):
+    for _, _, error in caption_files(captioner, example_photos(), num_workers=0, cells=captioner.cells):
         if error is not None:  # a damaged install: say so, and serve anyway
             print(f"app: warning: could not caption an example photo: {error}", file=sys.stderr)
 
@@ -197,6 +243,9 @@ def build_app(captioner: Captioner, forget_after: float = FORGET_AFTER, queue_si
                 no_repeat = gr.Slider(0, 4, value=defaults.no_repeat_ngram_size, step=1,
                                       label="Block repeated n-grams of size (0: off)")
                 n_best = gr.Slider(1, 5, value=1, step=1, label="Captions per image (n best)")
+                cell = gr.Radio(cell_choices(captioner), value=default_cell(captioner), label="Decoder cell",
+                                info="a plain RNN forgets the photo fast; LSTM and GRU keep it through their gates",
+                                visible=len(captioner.cells) > 1)
                 button = gr.Button("Caption", variant="primary")
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Captions", columns=3, height="auto")
@@ -211,7 +260,7 @@ def build_app(captioner: Captioner, forget_after: float = FORGET_AFTER, queue_si
         # one CNN pass and one beam search for all their photos instead of one each.
         app.forgetter = Forgetter(temp_folder(), forget_after, keep=lambda: kept_files(app))
         button.click(lambda *lists: answer_and_forget(captioner, app.forgetter, *lists),
-                     [files, decoding, beam_size, max_length, length_penalty, no_repeat, n_best],
+                     [files, decoding, beam_size, max_length, length_penalty, no_repeat, n_best, cell],
                      [gallery, table], api_name="caption", batch=True, max_batch_size=MAX_BATCH, concurrency_limit=1)
     app.queue(max_size=queue_size)
     return app
@@ -269,12 +318,23 @@ def password_check(password: str):
     return lambda username, given: hmac.compare_digest(given.encode(), password.encode())
 
 
+def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
+    """Cap glibc's malloc arenas before the server starts its threads; whether it took (glibc only)."""
+    if "MALLOC_ARENA_MAX" in os.environ or not sys.platform.startswith("linux"):
+        return False
+    try:
+        return ctypes.CDLL(None).mallopt(M_ARENA_MAX, arenas) == 1
+    except (OSError, AttributeError):  # not glibc
+        return False
+
+
 def serve(checkpoint: str | None = None, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
           device: str = "cpu", runtime: str | None = None, precision: str | None = None,
           settings: list[str] = (), password: str | None = None) -> int:
     """`python app.py` and `captioner app`: load the model, warm it up, serve until stopped. `runtime`,
     `precision` and `settings` change the model's config (Captioner.from_checkpoint); a `password` protects the
     page and the API alike."""
+    limit_malloc_arenas()  # before any thread allocates
     warning = exposure_warning(host, share, password)
     if warning:
         print(warning, file=sys.stderr)

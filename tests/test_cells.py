@@ -1,0 +1,208 @@
+"""The three cells in users' hands: a model holding several photo decoders, `--cell` choosing one, and their
+ensemble in greedy and beam search (exact against exhaustive search, in PyTorch and on ONNX Runtime)."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from captioner import Captioner
+from captioner.cli import main
+from captioner.config import ConfigError, cell_weights, load_config
+from captioner.decoder import Ensemble
+from captioner.search import beam_search, greedy_search
+from test_search import best_caption, exhaustive_captions, random_decoder, random_features
+
+CELLS = ("gru", "lstm", "rnn")
+
+
+def random_ensemble(vocab_size: int, seed: int, weights=(0.5, 0.3, 0.2)) -> Ensemble:
+    members = {cell: random_decoder(vocab_size, seed * 3 + i, cell) for i, cell in enumerate(CELLS)}
+    return Ensemble(members, dict(zip(CELLS, weights)))
+
+
+def test_an_ensemble_step_is_the_weighted_mixture_of_its_cells_distributions():
+    ensemble = random_ensemble(12, 0)
+    features, tokens = torch.randn(5, 16), torch.randint(4, 12, (5,))
+    with torch.no_grad():
+        mixed, state = ensemble.step(tokens, ensemble.init_state(features))
+        expected = sum(weight * member.step(tokens, member.init_state(features))[0].exp()
+                       for member, weight in zip(ensemble.members.values(), ensemble.weights.values()))
+    torch.testing.assert_close(mixed.exp(), expected)
+    torch.testing.assert_close(mixed.exp().sum(1), torch.ones(5))  # a distribution: scores stay log-probabilities
+    assert isinstance(state[1], tuple)  # each member keeps its own state: the LSTM its (h, c)
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_a_wide_beam_over_the_ensemble_equals_exhaustive_search(length_penalty):
+    for seed in range(3):
+        ensemble, features = random_ensemble(8, seed), torch.randn(1, 16)
+        best_score, best_words = best_caption(exhaustive_captions(ensemble, features, max_length=5), length_penalty)
+        found = beam_search(ensemble, features, beam_size=1280, max_length=5, length_penalty=length_penalty)[0][0]
+        assert found.tokens == best_words
+        assert found.score == pytest.approx(best_score, abs=1e-4)
+
+
+def test_the_ensemble_finds_a_caption_no_single_cell_prefers():
+    """Greedy over the mixture is not any member's greedy caption on some images: the cells write together."""
+    ensemble = random_ensemble(30, 4, weights=(1 / 3, 1 / 3, 1 / 3))
+    features = random_features(ensemble.members["gru"], 40)
+    together = [h.tokens for h in greedy_search(ensemble, features, max_length=8)]
+    alone = [[h.tokens for h in greedy_search(member, features, max_length=8)] for member in ensemble.members.values()]
+    assert sum(all(t != a[i] for a in alone) for i, t in enumerate(together)) > 0
+
+
+def test_the_ensemble_beam_is_batched_like_the_single_cells():
+    ensemble = random_ensemble(25, 1)
+    features = torch.randn(6, 16)
+    batched = beam_search(ensemble, features, beam_size=3, max_length=9, no_repeat_ngram_size=2, n_best=2)
+    greedy = greedy_search(ensemble, features, max_length=9, no_repeat_ngram_size=2)
+    for i in range(6):
+        single = beam_search(ensemble, features[i:i + 1], beam_size=3, max_length=9, no_repeat_ngram_size=2, n_best=2)[0]
+        assert [h.tokens for h in single] == [h.tokens for h in batched[i]]
+        assert [h.score for h in single] == pytest.approx([h.score for h in batched[i]], abs=1e-4)
+        one = beam_search(ensemble, features[i:i + 1], beam_size=1, max_length=9, no_repeat_ngram_size=2)[0][0]
+        assert one.tokens == greedy[i].tokens
+
+
+def test_the_ensemble_on_onnx_runtime_steps_writes_the_same_captions(tmp_path, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from captioner.onnx_runtime import DecoderSession
+
+    monkeypatch.setenv("CAPTIONER_CACHE", str(tmp_path))
+    ensemble = random_ensemble(25, 2)
+    on_onnx = Ensemble({cell: DecoderSession(m) for cell, m in ensemble.members.items()}, ensemble.weights)
+    features = torch.randn(7, 16)
+    for found, expected in zip(beam_search(on_onnx, features, beam_size=3, max_length=9),
+                               beam_search(ensemble, features, beam_size=3, max_length=9)):
+        assert found[0].tokens == expected[0].tokens
+        assert found[0].score == pytest.approx(expected[0].score, abs=1e-4)
+    assert all(m._session is not None for m in on_onnx.members.values())
+
+
+def test_decode_cells_reads_one_cell_or_weighted_cells_and_refuses_anything_else(tmp_path):
+    assert cell_weights("gru") == {"gru": 1.0}
+    assert cell_weights("gru:3,lstm:1") == {"gru": 0.75, "lstm": 0.25}
+    assert cell_weights("rnn,lstm,gru") == pytest.approx({"rnn": 1 / 3, "lstm": 1 / 3, "gru": 1 / 3})
+    for bad in ("transformer", "gru:0", "gru:-1", "gru,gru", "gru:x"):
+        with pytest.raises(ConfigError, match="decode.cells must be"):
+            load_config(None, [f"decode.cells={bad}"])
+
+
+@pytest.fixture(scope="module")
+def three_cells(trained, tmp_path_factory):
+    """The shared tiny LSTM run, a GRU and an RNN trained on the same data, and one file holding all three."""
+    config_path, lstm_run = trained
+    work = tmp_path_factory.mktemp("cells")
+    for cell in ("gru", "rnn"):
+        assert main(["train", "--config", str(config_path), "--set", f"decoder.cell={cell}", "--set", "train.epochs=4",
+                     "--set", f"train.out_dir={work / cell}", "--no-progress"]) == 0
+    model = work / "three.pt"
+    assert main(["export", str(lstm_run / "best.pt"), str(model), "--add-cell", str(work / "gru" / "best.pt"),
+                 "--add-cell", str(work / "rnn" / "best.pt")]) == 0
+    return model, work
+
+
+def test_one_file_holds_three_cells_and_each_writes_its_own_captions(three_cells, tiny_flickr8k):
+    model, work = three_cells
+    payload = torch.load(model, weights_only=True)
+    assert sorted(payload["cells"]) == ["gru", "rnn"] and payload["config"]["decoder"]["cell"] == "lstm"
+    captioner = Captioner.from_checkpoint(model)
+    assert captioner.cells == ["lstm", "gru", "rnn"]
+    photos = sorted((tiny_flickr8k / "images").glob("*.jpg"))[:12]
+    written = {}
+    for cell in ("lstm", "gru", "rnn"):
+        written[cell] = [c.text for c in captioner.caption(photos, cells=cell)]
+        alone = Captioner.from_checkpoint(work / "gru" / "best.pt") if cell == "gru" else None
+        if alone:  # a cell in the shipped file writes what its own checkpoint writes (fp16 weights aside)
+            same = [c.text for c in alone.caption(photos)]
+            assert sum(a == b for a, b in zip(same, written[cell])) >= len(photos) - 1
+    assert written["lstm"] == [c.text for c in captioner.caption(photos)]  # the default: the file's own cell
+    assert len({tuple(texts) for texts in written.values()}) == 3  # the cells differ, and so do their captions
+    together = captioner.caption(photos, cells="lstm:0.5,gru:0.3,rnn:0.2")
+    assert all(c.text and math.isfinite(c.score) for c in together)
+
+
+def test_caption_and_evaluate_take_a_cell_and_name_what_the_model_lacks(three_cells, tiny_flickr8k, capsys, tmp_path):
+    model, work = three_cells
+    photo = str(sorted((tiny_flickr8k / "images").glob("*.jpg"))[0])
+    outputs = {}
+    for cell in ("rnn", "lstm", "gru", "gru,lstm"):
+        assert main(["caption", photo, "--checkpoint", str(model), "--cell", cell]) == 0
+        outputs[cell] = capsys.readouterr().out
+    assert all(out.strip() for out in outputs.values())
+    assert main(["evaluate", "--checkpoint", str(model), "--split", "test", "--cell", "rnn",
+                 "--out", str(tmp_path / "rnn.jsonl")]) == 0
+    assert "BLEU" in capsys.readouterr().out
+    assert main(["caption", photo, "--checkpoint", str(work / "gru" / "best.pt"), "--cell", "rnn"]) == 1
+    assert "decode.cells asks for rnn, but this model has gru decoders only" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="asks for lstm"):
+        Captioner.from_checkpoint(work / "rnn" / "best.pt").caption(photo, cells="lstm")
+
+
+def test_the_ensemble_can_be_the_shipped_default_and_export_checks_its_cells(three_cells, tmp_path, capsys):
+    model, work = three_cells
+    default = tmp_path / "ensemble.pt"
+    assert main(["export", str(model), str(default), "--set", "decode.cells=lstm:0.6,gru:0.4"]) == 0
+    captioner = Captioner.from_checkpoint(default)
+    assert captioner.config.decode.cells == "lstm:0.6,gru:0.4" and captioner.cells == ["lstm", "gru", "rnn"]
+    assert main(["export", str(work / "gru" / "best.pt"), str(tmp_path / "bad.pt"), "--set", "decode.cells=rnn"]) == 1
+    assert "asks for rnn" in capsys.readouterr().err and not (tmp_path / "bad.pt").exists()
+    assert main(["export", str(model), str(tmp_path / "twice.pt"), "--add-cell", str(work / "gru" / "best.pt")]) == 1
+    assert "already has a gru decoder" in capsys.readouterr().err
+
+
+def test_the_app_compares_the_cells_side_by_side_on_a_users_photo(three_cells, tiny_flickr8k):
+    from captioner.webapp import COMPARE, TABLE_HEADERS, caption_uploads, cell_choices, default_cell, gallery_text
+
+    model, _ = three_cells
+    captioner = Captioner.from_checkpoint(model)
+    assert cell_choices(captioner) == ["lstm", "gru", "rnn", COMPARE] and default_cell(captioner) == "lstm"
+    photos = [str(p) for p in sorted((tiny_flickr8k / "images").glob("*.jpg"))[:3]]
+    gallery, table = caption_uploads(captioner, photos, "beam", 2, 10, 0.0, 2, 2, COMPARE)
+    assert len(gallery) == 3
+    for (_, text), photo in zip(gallery, photos):
+        lines = text.splitlines()
+        assert [line.split(":")[0] for line in lines] == ["lstm", "gru", "rnn"]
+        for line, cell in zip(lines, ("lstm", "gru", "rnn")):  # each cell's own best caption and its score
+            alone = captioner.caption(photo, cells=cell, beam_size=2, max_length=10, no_repeat_ngram_size=2)
+            assert line == f"{cell}: {gallery_text(alone)} ({alone.score:.2f})"
+    rows = [dict(zip(TABLE_HEADERS, row)) for row in table]
+    assert [(r["cell"], r["rank"]) for r in rows[:6]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2),
+                                                         ("rnn", 1), ("rnn", 2)]
+    _, table = caption_uploads(captioner, photos[:1], "beam", 2, 10, 0.0, 2, 1, "rnn")
+    assert [row[TABLE_HEADERS.index("cell")] for row in table] == ["rnn"]
+
+
+def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_pick_only(three_cells, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("tune_cells", Path(__file__).parents[1] / "bench" / "tune_cells.py")
+    tune_cells = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tune_cells)
+    assert tune_cells.candidates(["gru", "lstm"], 0.25) == ["gru", "lstm", "gru:0.25,lstm:0.75", "gru:0.5,lstm:0.5",
+                                                           "gru:0.75,lstm:0.25"]
+    model, _ = three_cells
+    tune_cells.main(["--checkpoint", str(model), "--step", "0.5", "--beam-sizes", "1", "2", "--top", "2",
+                     "--out", str(tmp_path), "--name", "tuned"])
+    result = json.loads((tmp_path / "tuned.json").read_text())
+    dev = result["dev"]
+    assert len(dev) == 3 + 3 + 2  # each cell alone and each pair at 0.5/0.5 at beam 2; the best two at beam 1 too
+    best = max(dev, key=lambda r: (r["bleu4"], r["cider_d"]))
+    assert result["pick"] == best
+    assert [result["test"][k]["cells"] for k in result["test"]] == ["lstm", best["cells"]]
+    assert "Dev, best first" in (tmp_path / "tuned.md").read_text()
+
+
+def test_onnx_export_writes_the_chosen_cell_and_refuses_an_ensemble(three_cells, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from captioner.export_onnx import export_onnx
+
+    model, _ = three_cells
+    manifest = export_onnx(model, tmp_path / "rnn", ["decode.cells=rnn"], int8=False)
+    assert manifest["decoder"]["cell"] == "rnn" and manifest["decode"]["cells"] == ""
+    with pytest.raises(ConfigError, match="choose one with --set decode.cells=CELL"):
+        export_onnx(model, tmp_path / "both", ["decode.cells=rnn,gru"], int8=False)
