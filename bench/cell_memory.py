@@ -1,9 +1,10 @@
 """Why the plain RNN captions worse: how far back each trained decoder remembers, on Flickr8k dev.
 
-    python bench/cell_memory.py [--runs runs/flickr8k-rnn runs/flickr8k-lstm runs/flickr8k-gru] \
+    python bench/cell_memory.py [--runs runs/flickr8k-rnn runs/flickr8k-lstm runs/flickr8k-gru | --model CKPT] \
         [--length 15] [--set data.root=...] [--out bench/results] [--name cell-memory] [--note TEXT]
 
-Reads each run's best.pt (the runs bench/compare_cells.py trains) and, on the dev captions of
+Reads each run's best.pt (the runs bench/compare_cells.py trains), or with --model every cell a model file
+holds (the shipped one: captioner/models/default.pt), and, on the dev captions of
 --length words under teacher forcing, measures (bench/memory.py):
 - gradient flow through time: the norm of the gradient of the last word's loss with respect to
   the recurrent state 0, 1, ... steps earlier (for the LSTM, h and c together), averaged over
@@ -27,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from captioner.checkpoint import load_checkpoint
+from captioner.checkpoint import load_cells, load_checkpoint
 from captioner.config import Config, with_settings
 from captioner.data import load_dataset
 from captioner.evaluate import prepare_features, readable
@@ -61,10 +62,30 @@ def dev_features(config: Config, fingerprint: str, cache: dict) -> tuple[list, t
     return cache[key]
 
 
-def measure(run: Path, overrides: list[str], length: int, positions: int, seed: int, cache: dict) -> dict:
+def run_decoders(run: Path) -> list[tuple]:
+    """(name, config, vocab, decoder, encoder fingerprint, provenance, epochs trained) of a run's best.pt."""
     config, vocab, decoder, payload = load_checkpoint(run / "best.pt")
-    config = with_settings(config, overrides, f"{run}/best.pt")
-    records, features = dev_features(config, payload["encoder"]["fingerprint"], cache)
+    return [(str(run), config, vocab, decoder, payload["encoder"]["fingerprint"], payload["provenance"],
+             len(read_metrics(run)))]
+
+
+def model_decoders(model: Path) -> list[tuple]:
+    """The same for every cell a model file holds (its provenance says how it was trained)."""
+    config, vocab, decoder, payload = load_checkpoint(model)
+    found = []
+    for cell, cell_decoder in load_cells(payload, model, config, decoder).items():
+        entry = payload if cell == config.decoder.cell else payload["cells"][cell]
+        cell_config = config if cell == config.decoder.cell else Config.from_dict(entry["config"])
+        provenance = entry.get("provenance", {})
+        found.append((f"{model.name} ({cell})", cell_config, vocab, cell_decoder, payload["encoder"]["fingerprint"],
+                      provenance, provenance.get("epoch", 0)))
+    return found
+
+
+def measure(found: tuple, overrides: list[str], length: int, positions: int, seed: int, cache: dict) -> dict:
+    name, config, vocab, decoder, fingerprint, provenance, epochs = found
+    config = with_settings(config, overrides, name)
+    records, features = dev_features(config, fingerprint, cache)
     tokens, images = caption_tensor(records, vocab, config.data.max_caption_length)
     words = (tokens != vocab.pad).sum(1) - 2
     chosen = (words == length).nonzero().squeeze(1)
@@ -78,11 +99,10 @@ def measure(run: Path, overrides: list[str], length: int, positions: int, seed: 
     kl = memory.image_influence(decoder, features[own], features[other], fixed)
     accuracy, count = memory.accuracy_by_position(decoder, features[images], tokens[:, : positions + 1], vocab.pad,
                                                   vocab.eos)
-    history = read_metrics(run)
     state = gradient["state"].flip(0)  # index = steps back from the last word
     return {
-        "run": str(run), "cell": config.decoder.cell, "epochs": len(history),
-        "best_epoch": payload["provenance"]["epoch"], "dev_bleu4_greedy": payload["provenance"]["dev"]["dev_bleu4"],
+        "run": name, "cell": config.decoder.cell, "epochs": epochs,
+        "best_epoch": provenance["epoch"], "dev_bleu4": provenance["dev"]["dev_bleu4"],
         "captions": len(chosen),
         "gradient_norm_by_steps_back": state.tolist(),
         "gradient_relative_by_steps_back": (state / state[0]).tolist(),
@@ -135,14 +155,14 @@ def report(results: list[dict], length: int, command: str, note: str = "") -> st
              f"`{command}`",
              f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}.",
              *([note] if note else []), "",
-             f"| cell | run | epochs (best) | dev BLEU-4 greedy | gradient x per step back | gradient {length - 1} steps "
+             f"| cell | run | epochs (best) | dev BLEU-4 (at selection) | gradient x per step back | gradient {length - 1} steps "
              f"back / 0 | KL word 1 / {mid} / {length} | accuracy words 1-5 / 6-10 / 11-15 |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         kl, accuracy = r["kl_by_word"], r["accuracy_by_position"]
         buckets = [sum(a * n for a, n in zip(accuracy[s:s + 5], r["words_by_position"][s:s + 5]))
                    / max(1, sum(r["words_by_position"][s:s + 5])) for s in (0, 5, 10)]
-        lines.append(f"| {r['cell']} | {r['run']} | {r['epochs']} ({r['best_epoch']}) | {r['dev_bleu4_greedy']:.3f} | "
+        lines.append(f"| {r['cell']} | {r['run']} | {r['epochs']} ({r['best_epoch']}) | {r['dev_bleu4']:.3f} | "
                      f"{r['gradient_factor_per_step']:.3f} | {r['gradient_relative_by_steps_back'][-1]:.2e} | "
                      f"{kl[0]:.3f} / {kl[mid - 1]:.3f} / {kl[length - 1]:.3f} | "
                      f"{buckets[0]:.3f} / {buckets[1]:.3f} / {buckets[2]:.3f} |")
@@ -156,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", type=Path,
                         default=[Path(f"runs/flickr8k-{cell}") for cell in ("rnn", "lstm", "gru")])
+    parser.add_argument("--model", type=Path, help="measure the cells of this model file instead of --runs")
     parser.add_argument("--length", type=int, default=15, help="caption length (words) for gradient and KL")
     parser.add_argument("--positions", type=int, default=20, help="word positions for accuracy")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
@@ -165,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--note", default="", help="a line for the report, e.g. how the runs were trained")
     args = parser.parse_args(argv)
     cache: dict = {}
-    results = [measure(run, args.set, args.length, args.positions, args.seed, cache) for run in args.runs]
+    found = model_decoders(args.model) if args.model else [d for run in args.runs for d in run_decoders(run)]
+    results = [measure(d, args.set, args.length, args.positions, args.seed, cache) for d in found]
     command = shlex.join(["python", "bench/cell_memory.py", *(argv if argv is not None else sys.argv[1:])])
     args.out.mkdir(parents=True, exist_ok=True)
     plot(results, args.length, args.out / f"{args.name}.png")

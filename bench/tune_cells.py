@@ -7,8 +7,9 @@ The checkpoint holds several photo decoders (`captioner export --add-cell`). Eve
 (each cell alone, each pair and the three together, with weights on a grid of --step) is scored on the dev
 split at the checkpoint's beam size, captioned as `captioner caption` captions (routing and tag decoder
 included); the --top best are scored again at each of --beam-sizes. The pick is the best dev BLEU-4, ties
-broken by CIDEr-D. Test is decoded twice, with the checkpoint's own settings and with the pick, and with
-nothing else, so test plays no part in the choice. Writes NAME.md and NAME.json.
+broken by CIDEr-D. Test is decoded only after the pick: with it, with the checkpoint's own settings, and
+with each cell alone at the checkpoint's beam size (the cells table), so test plays no part in the choice.
+Writes NAME.md and NAME.json.
 """
 from __future__ import annotations
 
@@ -82,9 +83,10 @@ def main(argv: list[str] | None = None) -> None:
             grid.append(scored(captioner, splits["dev"], row["cells"], beam))
             print(json.dumps(grid[-1]), flush=True)
     pick = max(grid, key=lambda row: (row["bleu4"], row["cider_d"]))
-    test = {"checkpoint's settings": scored(captioner, splits["test"], config.decode.cells or config.decoder.cell,
+    test = {"dev pick": scored(captioner, splits["test"], pick["cells"], pick["beam_size"]),
+            "checkpoint's settings": scored(captioner, splits["test"], config.decode.cells or config.decoder.cell,
                                             own_beam),
-            "dev pick": scored(captioner, splits["test"], pick["cells"], pick["beam_size"])}
+            **{f"{cell} alone": scored(captioner, splits["test"], cell, own_beam) for cell in captioner.cells}}
     write(args, grid, pick, test)
 
 

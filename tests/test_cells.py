@@ -2,8 +2,10 @@
 ensemble in greedy and beam search (exact against exhaustive search, in PyTorch and on ONNX Runtime)."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,13 +178,15 @@ def test_the_app_compares_the_cells_side_by_side_on_a_users_photo(three_cells, t
     assert [row[TABLE_HEADERS.index("cell")] for row in table] == ["rnn"]
 
 
-def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_pick_only(three_cells, tmp_path):
-    import importlib.util
-    from pathlib import Path
+def load_bench(name: str):
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    spec = importlib.util.spec_from_file_location("tune_cells", Path(__file__).parents[1] / "bench" / "tune_cells.py")
-    tune_cells = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune_cells)
+
+def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_pick_only(three_cells, tmp_path):
+    tune_cells = load_bench("tune_cells")
     assert tune_cells.candidates(["gru", "lstm"], 0.25) == ["gru", "lstm", "gru:0.25,lstm:0.75", "gru:0.5,lstm:0.5",
                                                            "gru:0.75,lstm:0.25"]
     model, _ = three_cells
@@ -193,7 +197,7 @@ def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_
     assert len(dev) == 3 + 3 + 2  # each cell alone and each pair at 0.5/0.5 at beam 2; the best two at beam 1 too
     best = max(dev, key=lambda r: (r["bleu4"], r["cider_d"]))
     assert result["pick"] == best
-    assert [result["test"][k]["cells"] for k in result["test"]] == ["lstm", best["cells"]]
+    assert [result["test"][k]["cells"] for k in result["test"]] == [best["cells"], "lstm", "lstm", "gru", "rnn"]
     assert "Dev, best first" in (tmp_path / "tuned.md").read_text()
 
 
@@ -206,3 +210,13 @@ def test_onnx_export_writes_the_chosen_cell_and_refuses_an_ensemble(three_cells,
     assert manifest["decoder"]["cell"] == "rnn" and manifest["decode"]["cells"] == ""
     with pytest.raises(ConfigError, match="choose one with --set decode.cells=CELL"):
         export_onnx(model, tmp_path / "both", ["decode.cells=rnn,gru"], int8=False)
+
+
+def test_the_memory_bench_measures_every_cell_a_model_file_holds(three_cells, tmp_path):
+    model, _ = three_cells
+    assert load_bench("cell_memory").main(["--model", str(model), "--length", "7", "--out", str(tmp_path),
+                                           "--name", "m"]) == 0
+    result = json.loads((tmp_path / "m.json").read_text())
+    assert [r["cell"] for r in result["cells"]] == ["lstm", "gru", "rnn"]
+    assert all(r["gradient_relative_by_steps_back"][0] == 1.0 for r in result["cells"])
+    assert (tmp_path / "m.png").stat().st_size > 0
