@@ -30,7 +30,7 @@ from gradio_client import Client, handle_file
 from captioner.files import write_results
 from captioner import Captioner
 from captioner.inference import DEFAULT_CHECKPOINT, example_photos
-from captioner.webapp import build_app, gallery_text
+from captioner.webapp import build_app, gallery_text, limit_malloc_arenas
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,6 +88,7 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     load_start = os.getloadavg()
+    limit_malloc_arenas()  # as `python app.py` does
 
     captioner = Captioner.from_checkpoint(args.checkpoint, precision=args.precision)
     photos = example_photos()
@@ -162,8 +163,9 @@ def empty_app(captioner, photos: list[Path], alone: dict):
     function (the page looks caption_requests up on every call)."""
     import captioner.webapp as webapp
 
-    stand_in = SimpleNamespace(config=captioner.config)
-    answers = {p.name: ([(str(p), gallery_text(alone[p.name]))], [webapp.table_row(p.name, 1, alone[p.name])])
+    stand_in = SimpleNamespace(config=captioner.config, cells=captioner.cells)
+    cell = webapp.default_cell(captioner)
+    answers = {p.name: ([(str(p), gallery_text(alone[p.name]))], [webapp.table_row(p.name, 1, alone[p.name], cell)])
                for p in photos}
     real = webapp.caption_requests
 

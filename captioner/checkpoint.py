@@ -221,6 +221,9 @@ def export_checkpoint(source: str | Path, target: str | Path, half: bool = True,
     fallback_entry = fallback_payload(fallback, payload["encoder"], config.encoder.image_size, half) if fallback \
         else payload.get("fallback")
     kept_cells = dict(payload.get("cells") or {})
+    if cells and config.decoder.attention:
+        raise CheckpointError(f"{source}: an attention decoder reads the grid, other cells the pooled features: "
+                              f"export a pooled-feature decoder with --add-cell instead")
     added = cell_entries(list(cells), vocab, payload["encoder"], {config.decoder.cell, *kept_cells}, half)
     picked_cells(config.decode.cells, config.decoder.cell, [config.decoder.cell, *kept_cells, *added])
     save_checkpoint(target, config, vocab, decoder, payload["encoder"], provenance, half=half,
