@@ -12,6 +12,7 @@ steps on ONNX Runtime (onnx_runtime.DecoderSession), which the caller chooses th
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
@@ -23,7 +24,7 @@ from .confidence import DomainProfile
 from .decoder import Ensemble, TagDecoder
 from .fallback import OnceOnlyWords, WordBorrowing
 from .routing import PHOTO, TAGS, batch_signals, route
-from .search import beam_search, greedy_search
+from .search import beam_search, greedy_search, word_log_probs
 from .text import Vocabulary
 
 
@@ -36,18 +37,25 @@ class Caption:
     confidence: float | None = None  # how familiar the photo is to the model, in [0, 1] (None: not known)
     unsure: bool = False  # the photo is unfamiliar, or the caption names a person or dog not seen (routing.py)
     from_tags: bool = False  # written by the tag decoder from the tags, not by the photo decoder
+    word_probs: list[float] | None = None  # each word's probability given the words before it (on request)
 
 
 def decode_features(decoder, vocab: Vocabulary, features: torch.Tensor, options: DecodeConfig,
-                    n_best: int = 1) -> list[list[Caption]]:
-    """Features [B, D] -> the n best captions per image, batched."""
+                    n_best: int = 1, word_probs: bool = False) -> list[list[Caption]]:
+    """Features [B, D] -> the n best captions per image, batched; with `word_probs`, each word's probability."""
     common = dict(max_length=options.max_length, min_length=options.min_length,
                   no_repeat_ngram_size=options.no_repeat_ngram_size, length_penalty=options.length_penalty)
     if options.beam_size == 1 and n_best == 1:
         results = [[h] for h in greedy_search(decoder, features, **common)]
     else:
         results = beam_search(decoder, features, beam_size=max(options.beam_size, n_best), n_best=n_best, **common)
-    return [[Caption(" ".join(vocab.decode(h.tokens)), h.score, h.finished) for h in hyps] for hyps in results]
+    captions = [[Caption(" ".join(vocab.decode(h.tokens)), h.score, h.finished) for h in hyps] for hyps in results]
+    if word_probs:
+        rows = torch.tensor([image for image, hyps in enumerate(results) for _ in hyps], device=features.device)
+        scored = iter(word_log_probs(decoder, features[rows], [h.tokens for hyps in results for h in hyps]))
+        for caption in (c for image_captions in captions for c in image_captions):
+            caption.word_probs = [math.exp(value) for value in next(scored)]
+    return captions
 
 
 def unchanged(decoder):
@@ -97,8 +105,9 @@ class CaptionWriter:
 
     @torch.inference_mode()
     def describe(self, features: torch.Tensor, decode: DecodeConfig, routing: RoutingConfig,
-                 n_best: int = 1) -> list[list[Caption]]:
-        """Features [B, D] (or grid cells [B, L, D]) -> the n best captions per image."""
+                 n_best: int = 1, word_probs: bool = False) -> list[list[Caption]]:
+        """Features [B, D] (or grid cells [B, L, D]) -> the n best captions per image; with `word_probs`, the
+        photo decoder's captions carry each word's probability."""
         pooled = features.float().mean(1) if self.decoder.uses_grid else features
         signals = batch_signals(pooled, self.classify(pooled), self.concept_words, self.domain)
         has_tags = self.tag_writer is not None
@@ -107,7 +116,8 @@ class CaptionWriter:
         from_photo = [i for i, r in enumerate(routes) if r.writer == PHOTO]
         if from_photo:
             rows = torch.tensor(from_photo, device=features.device)
-            written = decode_features(self.searcher(decode.cells), self.vocab, features[rows], decode, n_best)
+            written = decode_features(self.searcher(decode.cells), self.vocab, features[rows], decode, n_best,
+                                      word_probs)
             for i, image_captions in zip(from_photo, written):
                 captions[i] = image_captions
                 # The second look: the dog and person checks read the words the photo decoder wrote.

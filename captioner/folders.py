@@ -43,11 +43,12 @@ def use_device_in_thread(device: torch.device) -> None:
 @torch.inference_mode()
 def caption_files(captioner: Captioner, paths: Sequence[str | Path], batch_size: int = DECODE_BATCH,
                   num_workers: int | None = None, n_best: int = 1, cells: Sequence[str] = (),
-                  **options) -> Iterator[tuple[int, list[Caption] | None, str | None]]:
+                  word_probs: bool = False, **options) -> Iterator[tuple[int, list[Caption] | None, str | None]]:
     """(index, captions, None) or (index, None, error) per path, as each batch of `batch_size` is done.
 
     `cells` (decode.cells settings, e.g. ["rnn", "lstm", "gru"]) caption each photo once per setting from the
-    same features: its captions are then the first setting's n best, then the next's, and so on.
+    same features: its captions are then the first setting's n best, then the next's, and so on. `word_probs`
+    adds each word's probability to the photo decoder's captions (Caption.word_probs).
 
     `num_workers` processes (None: default_workers) decode the files while the CNN encodes them a few at a
     time (Captioner.encoder_batch_size). A batch is searched in a thread while the CNN goes on with the next
@@ -66,7 +67,7 @@ def caption_files(captioner: Captioner, paths: Sequence[str | Path], batch_size:
     searching: list[Future] = []  # the previous batch's search, at most one
 
     def search(indices: list[int], features: torch.Tensor) -> list[tuple[int, list[Caption], None]]:
-        written = [captioner.describe(features, decode, n_best) for decode in decodes]
+        written = [captioner.describe(features, decode, n_best, word_probs) for decode in decodes]
         return [(index, [c for captions in per_setting for c in captions], None)
                 for index, per_setting in zip(indices, zip(*written))]
 

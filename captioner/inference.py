@@ -114,10 +114,11 @@ class Captioner:
         Config(decode=options).validate("decoding options")
         return options
 
-    def describe(self, features: torch.Tensor, decode: DecodeConfig | None = None,
-                 n_best: int = 1) -> list[list[Caption]]:
-        """Features of a batch -> the n best captions per image, under the model's routing settings."""
-        return self.writer.describe(features, decode or self.config.decode, self.config.routing, n_best)
+    def describe(self, features: torch.Tensor, decode: DecodeConfig | None = None, n_best: int = 1,
+                 word_probs: bool = False) -> list[list[Caption]]:
+        """Features of a batch -> the n best captions per image, under the model's routing settings; with
+        `word_probs`, the photo decoder's captions carry each word's probability (Caption.word_probs)."""
+        return self.writer.describe(features, decode or self.config.decode, self.config.routing, n_best, word_probs)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """A batch of transformed images -> the features the decoder reads (pooled, or grid cells for attention)."""

@@ -121,6 +121,25 @@ def sample_captions(model, features: torch.Tensor, max_length: int = 20, min_len
 
 
 @torch.inference_mode()
+def word_log_probs(model, features: torch.Tensor, sequences: list[list[int]]) -> list[list[float]]:
+    """Each sequence's log-probability per token under `model`, each token given those before it (teacher
+    forced) and the features of its row: for a caption's words and its <eos>, they sum to the log-probability
+    the search gave it (masking only ever removes other words)."""
+    if not sequences:
+        return []
+    targets = torch.full((len(sequences), max(map(len, sequences))), PAD_ID, dtype=torch.long, device=features.device)
+    for row, tokens in enumerate(sequences):
+        targets[row, :len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+    state, last, picked = model.init_state(features), torch.full_like(targets[:, 0], BOS_ID), []
+    for step in range(targets.size(1)):
+        log_probs, state = model.step(last, state)
+        picked.append(log_probs.gather(1, targets[:, step:step + 1]).squeeze(1))
+        last = targets[:, step]
+    values = torch.stack(picked, dim=1).tolist()
+    return [row[:len(tokens)] for row, tokens in zip(values, sequences)]
+
+
+@torch.inference_mode()
 def beam_search(model, features: torch.Tensor, beam_size: int = 3, max_length: int = 20, min_length: int = 1,
                 no_repeat_ngram_size: int = 0, length_penalty: float = 0.0,
                 n_best: int = 1) -> list[list[Hypothesis]]:

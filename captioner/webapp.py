@@ -122,8 +122,15 @@ def gallery_text(caption: Caption) -> str:
 
 
 def compared_text(labelled: list[tuple[str, Caption]]) -> str:
-    """The captions under a photo in the side-by-side view: each cell's, with its score."""
-    return "\n".join(f"{label}: {gallery_text(caption)} ({caption.score:.2f})" for label, caption in labelled)
+    """The captions under a photo in the side-by-side view: each cell's, its score, and where the cell was
+    unsure: each word's probability (given the words before it) after it."""
+    def words(caption: Caption) -> str:
+        if caption.word_probs is None:  # written from the tags
+            return gallery_text(caption)
+        text = " ".join(f"{word} ({p:.2f})" for word, p in zip(caption.text.split(), caption.word_probs))
+        return text + (" [unsure]" if caption.unsure else "")
+
+    return "\n".join(f"{label} ({caption.score:.2f}): {words(caption)}" for label, caption in labelled)
 
 
 def caption_uploads(captioner: Captioner, files, decoding: str = "beam", beam_size: int = 3, max_length: int = 20,
@@ -163,8 +170,9 @@ def caption_requests(captioner: Captioner, files: list, decoding: list, beam_siz
     for (beam, best, longest, penalty, no_repeat, cells), members in groups.items():
         paths = [path for _, request_paths in members for path in request_paths]
         results = {index: (captions, error) for index, captions, error in caption_files(
-            captioner, paths, num_workers=0, n_best=best, cells=[setting for _, setting in cells], beam_size=beam,
-            max_length=longest, length_penalty=penalty, no_repeat_ngram_size=no_repeat)}
+            captioner, paths, num_workers=0, n_best=best, cells=[setting for _, setting in cells],
+            word_probs=len(cells) > 1, beam_size=beam, max_length=longest, length_penalty=penalty,
+            no_repeat_ngram_size=no_repeat)}
         offset = 0
         for request, request_paths in members:
             for index, path in enumerate(request_paths, start=offset):

@@ -14,6 +14,7 @@ from captioner import Captioner
 from captioner.cli import main
 from captioner.config import ConfigError, cell_weights, load_config
 from captioner.decoder import Ensemble
+from captioner import search
 from captioner.search import beam_search, greedy_search
 from test_search import best_caption, exhaustive_captions, random_decoder, random_features
 
@@ -54,6 +55,27 @@ def test_the_ensemble_finds_a_caption_no_single_cell_prefers():
     together = [h.tokens for h in greedy_search(ensemble, features, max_length=8)]
     alone = [[h.tokens for h in greedy_search(member, features, max_length=8)] for member in ensemble.members.values()]
     assert sum(all(t != a[i] for a in alone) for i, t in enumerate(together)) > 0
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_word_probabilities_are_the_models_own_and_multiply_to_the_captions_probability(beam_size):
+    """Caption.word_probs, teacher forced after the search: the words' and <eos>'s log-probabilities sum to the
+    log-probability the search scored (for a single cell and for the mixture alike)."""
+    from captioner.describe import decode_features
+    from captioner.config import DecodeConfig
+    from captioner.text import Vocabulary
+
+    vocab = Vocabulary(["<pad>", "<bos>", "<eos>", "<unk>", *(f"w{i}" for i in range(17))])
+    for model in (random_decoder(len(vocab), 3, "gru"), random_ensemble(len(vocab), 3)):
+        features = torch.randn(6, 16)
+        options = DecodeConfig(beam_size=beam_size, max_length=9, no_repeat_ngram_size=2)
+        captions = decode_features(model, vocab, features, options, n_best=1, word_probs=True)
+        for row, (caption,) in enumerate(captions):
+            assert len(caption.word_probs) == len(caption.text.split()) and all(0 < p <= 1 for p in caption.word_probs)
+            tokens = vocab.encode(caption.text.split()) + ([search.EOS_ID] if caption.finished else [])
+            forced = search.word_log_probs(model, features[row:row + 1], [tokens])[0]
+            assert sum(forced) == pytest.approx(caption.score, abs=1e-4)  # length penalty 0: the score is the log-prob
+            assert [math.log(p) for p in caption.word_probs] == pytest.approx(forced[:len(caption.word_probs)], abs=1e-5)
 
 
 def test_the_ensemble_beam_is_batched_like_the_single_cells():
@@ -167,10 +189,14 @@ def test_the_app_compares_the_cells_side_by_side_on_a_users_photo(three_cells, t
     assert len(gallery) == 3
     for (_, text), photo in zip(gallery, photos):
         lines = text.splitlines()
-        assert [line.split(":")[0] for line in lines] == ["lstm", "gru", "rnn"]
-        for line, cell in zip(lines, ("lstm", "gru", "rnn")):  # each cell's own best caption and its score
+        assert [line.split(" ")[0] for line in lines] == ["lstm", "gru", "rnn"]
+        for line, cell in zip(lines, ("lstm", "gru", "rnn")):  # each cell's own best caption, score, word by word
             alone = captioner.caption(photo, cells=cell, beam_size=2, max_length=10, no_repeat_ngram_size=2)
-            assert line == f"{cell}: {gallery_text(alone)} ({alone.score:.2f})"
+            assert line.startswith(f"{cell} ({alone.score:.2f}): ")
+            if alone.from_tags:
+                assert line.endswith(gallery_text(alone))
+            else:
+                assert [w for w in line.split(": ", 1)[1].split() if not w.startswith(("(", "["))] == alone.text.split()
     rows = [dict(zip(TABLE_HEADERS, row)) for row in table]
     assert [(r["cell"], r["rank"]) for r in rows[:6]] == [("lstm", 1), ("lstm", 2), ("gru", 1), ("gru", 2),
                                                          ("rnn", 1), ("rnn", 2)]
