@@ -159,6 +159,13 @@ def load_cells(payload: dict, path: str | Path, config: Config, decoder: nn.Modu
     return cells
 
 
+def check_same_encoder(path: str | Path, trained_on: dict, encoder_info: dict) -> None:
+    """A decoder to ship inside a model must have learnt from the model's encoder's features."""
+    if trained_on.get("fingerprint") != encoder_info.get("fingerprint"):
+        raise CheckpointError(f"{path}: trained with encoder {trained_on.get('name')} ({trained_on.get('fingerprint')}), "
+                              f"the model's is {encoder_info.get('name')} ({encoder_info.get('fingerprint')})")
+
+
 def cell_entries(paths: list[str | Path], vocab: Vocabulary, encoder_info: dict, taken: set[str],
                  half: bool = True) -> dict:
     """Trained photo decoders of other cells (checkpoints) as the "cells" entry of a checkpoint with this
@@ -174,10 +181,7 @@ def cell_entries(paths: list[str | Path], vocab: Vocabulary, encoder_info: dict,
         if list(cell_vocab.words) != list(vocab.words):
             raise CheckpointError(f"{path}: its vocabulary ({len(cell_vocab)} words) is not the model's "
                                   f"({len(vocab)} words): train it on the same data and data settings")
-        if payload["encoder"].get("fingerprint") != encoder_info.get("fingerprint"):
-            raise CheckpointError(f"{path}: trained on encoder {payload['encoder'].get('name')} "
-                                  f"({payload['encoder'].get('fingerprint')}), the model's is {encoder_info.get('name')} "
-                                  f"({encoder_info.get('fingerprint')})")
+        check_same_encoder(path, payload["encoder"], encoder_info)
         provenance = dict(payload.get("provenance", {}), exported_from=str(path), fp16=half)
         entries[cell] = {"config": config.to_dict(), "decoder": weights_of(decoder, half), "provenance": provenance}
     return entries
@@ -188,10 +192,7 @@ def fallback_payload(path: str | Path, encoder_info: dict, image_size: int, half
     config, vocab, decoder, payload = load_checkpoint(path)
     if config.decoder.inputs != "tags":
         raise CheckpointError(f"{path}: not a tag decoder (decoder.inputs is {config.decoder.inputs}, not tags)")
-    if payload["encoder"].get("fingerprint") != encoder_info.get("fingerprint"):
-        raise CheckpointError(f"{path}: trained with encoder {payload['encoder'].get('name')} "
-                              f"({payload['encoder'].get('fingerprint')}), the model's is {encoder_info.get('name')} "
-                              f"({encoder_info.get('fingerprint')})")
+    check_same_encoder(path, payload["encoder"], encoder_info)
     if config.encoder.image_size != image_size:
         raise CheckpointError(f"{path}: its tags came from {config.encoder.image_size} px images, the model's are "
                               f"{image_size} px (train it with the model's encoder settings)")

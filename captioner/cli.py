@@ -42,8 +42,8 @@ def add_model_options(parser: argparse.ArgumentParser, device: bool = True) -> N
 
 def add_decode_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("decoding (defaults: the checkpoint's decode settings)")
-    group.add_argument("--cell", dest="cells", metavar="CELL", help="the photo decoder that writes: rnn, lstm or gru "
-                       "(the shipped model has all three), or several together with weights, e.g. gru:0.6,lstm:0.4")
+    group.add_argument("--cell", dest="cells", metavar="CELL", help="the photo decoder that writes: rnn, lstm or gru, "
+                       "among the cells the model holds, or several together with weights, e.g. gru:0.6,lstm:0.4")
     group.add_argument("--beam-size", type=int, help="1 = greedy")
     group.add_argument("--max-length", type=int, help="most words per caption")
     group.add_argument("--min-length", type=int)

@@ -92,9 +92,13 @@ class CaptionWriter:
         self.vocab, self.decoders = vocab, decoders
         self.decoder = next(iter(decoders.values()))  # the model's own
         self.stepped = {cell: stepper(decoder) for cell, decoder in decoders.items()}
-        self.searched = self.stepped[self.decoder.cell]
         self.classify = classify  # pooled features [B, D] -> the ImageNet head's class probabilities [B, 1000]
         self.concept_words, self.domain, self.tag_writer = concept_words, domain, tag_writer
+
+    @property
+    def searched(self):
+        """The model's own cell, as the searches step it."""
+        return self.stepped[self.decoder.cell]
 
     def searcher(self, cells: str):
         """What the searches step for decode.cells: one cell's decoder, or the ensemble of several."""
