@@ -70,7 +70,7 @@ def run_decoders(run: Path) -> list[tuple]:
 
 
 def model_decoders(model: Path) -> list[tuple]:
-    """The same for every cell a model file holds (its provenance says how it was trained)."""
+    """The same for every cell a model file holds (its provenance says how it was trained; its config, how long)."""
     config, vocab, decoder, payload = load_checkpoint(model)
     found = []
     for cell, cell_decoder in load_cells(payload, model, config, decoder).items():
@@ -78,7 +78,7 @@ def model_decoders(model: Path) -> list[tuple]:
         cell_config = config if cell == config.decoder.cell else Config.from_dict(entry["config"])
         provenance = entry.get("provenance", {})
         found.append((f"{model.name} ({cell})", cell_config, vocab, cell_decoder, payload["encoder"]["fingerprint"],
-                      provenance, provenance.get("epoch", 0)))
+                      provenance, cell_config.train.epochs))
     return found
 
 

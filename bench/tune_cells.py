@@ -6,9 +6,11 @@
 The checkpoint holds several photo decoders (`captioner export --add-cell`). Every decode.cells candidate
 (each cell alone, each pair and the three together, with weights on a grid of --step) is scored on the dev
 split at the checkpoint's beam size, captioned as `captioner caption` captions (routing and tag decoder
-included); the --top best are scored again at each of --beam-sizes. The pick is the best dev BLEU-4, ties
-broken by CIDEr-D. Test is decoded only after the pick: with it, with the checkpoint's own settings, and
-with each cell alone at the checkpoint's beam size (the cells table), so test plays no part in the choice.
+included); the --top best are scored again at each of --beam-sizes. The best is the highest dev BLEU-4, ties
+broken by CIDEr-D; it is picked only if it beats the best cell alone at the checkpoint's beam by --min-gain
+(a mix costs a step per cell), else that cell is. Test is decoded only after the pick: with it, the best
+(when not picked), the checkpoint's own settings, and each cell alone at the checkpoint's beam size (the
+cells table), so test plays no part in the choice.
 Writes NAME.md and NAME.json.
 """
 from __future__ import annotations
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--step", type=float, default=0.1, help="the weights' grid")
     parser.add_argument("--beam-sizes", type=int, nargs="+", default=[1, 2, 3, 5])
     parser.add_argument("--top", type=int, default=5, help="candidates scored again at each beam size")
+    parser.add_argument("--min-gain", type=float, default=0.013,
+                        help="dev BLEU-4 by which a mix or another beam must beat the best cell alone to be picked "
+                             "(default: the spread between two seeds of one setting in bench/results/sweep-gru-scst.md)")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--name", default="cells-tuning", help="writes NAME.md and NAME.json")
     args = parser.parse_args(argv)
@@ -82,8 +87,12 @@ def main(argv: list[str] | None = None) -> None:
         if beam != own_beam:
             grid.append(scored(captioner, splits["dev"], row["cells"], beam))
             print(json.dumps(grid[-1]), flush=True)
-    pick = max(grid, key=lambda row: (row["bleu4"], row["cider_d"]))
+    best = max(grid, key=lambda row: (row["bleu4"], row["cider_d"]))
+    alone = max((row for row in grid if "," not in row["cells"] and row["beam_size"] == own_beam),
+                key=lambda row: (row["bleu4"], row["cider_d"]))
+    pick = best if best["bleu4"] >= alone["bleu4"] + args.min_gain else alone
     test = {"dev pick": scored(captioner, splits["test"], pick["cells"], pick["beam_size"]),
+            **({"dev best": scored(captioner, splits["test"], best["cells"], best["beam_size"])} if best != pick else {}),
             "checkpoint's settings": scored(captioner, splits["test"], config.decode.cells or config.decoder.cell,
                                             own_beam),
             **{f"{cell} alone": scored(captioner, splits["test"], cell, own_beam) for cell in captioner.cells}}
@@ -109,6 +118,9 @@ def write(args, grid: list[dict], pick: dict, test: dict) -> None:
     (out / f"{args.name}.md").write_text(
         f"Cells and beam size for `{args.checkpoint}`, chosen on dev (`python {' '.join(sys.argv)}`), captioned "
         f"as `captioner caption` captions (routing included). Machine: {machine}.\n\n"
+        f"Picked: `{pick['cells']}` at beam {pick['beam_size']} (dev BLEU-4 {pick['bleu4']:.4f}). The best on dev is "
+        f"picked only if it beats the best cell alone at the checkpoint's beam by {args.min_gain} BLEU-4 "
+        f"(`--min-gain`).\n\n"
         f"Test, decoded once per row:\n\n{header}{test_rows}\nDev, best first:\n\n{header}{dev_rows}")
     print((out / f"{args.name}.md").read_text())
 

@@ -216,8 +216,8 @@ def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_
     assert tune_cells.candidates(["gru", "lstm"], 0.25) == ["gru", "lstm", "gru:0.25,lstm:0.75", "gru:0.5,lstm:0.5",
                                                            "gru:0.75,lstm:0.25"]
     model, _ = three_cells
-    tune_cells.main(["--checkpoint", str(model), "--step", "0.5", "--beam-sizes", "1", "2", "--top", "2",
-                     "--out", str(tmp_path), "--name", "tuned"])
+    tune = ["--checkpoint", str(model), "--step", "0.5", "--beam-sizes", "1", "2", "--top", "2", "--out", str(tmp_path)]
+    tune_cells.main(tune + ["--min-gain", "0", "--name", "tuned"])
     result = json.loads((tmp_path / "tuned.json").read_text())
     dev = result["dev"]
     assert len(dev) == 3 + 3 + 2  # each cell alone and each pair at 0.5/0.5 at beam 2; the best two at beam 1 too
@@ -225,6 +225,14 @@ def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_
     assert result["pick"] == best
     assert [result["test"][k]["cells"] for k in result["test"]] == [best["cells"], "lstm", "lstm", "gru", "rnn"]
     assert "Dev, best first" in (tmp_path / "tuned.md").read_text()
+
+    # A gain smaller than --min-gain keeps the best cell alone at the model's beam (one step per word, not several).
+    tune_cells.main(tune + ["--min-gain", "1", "--name", "strict"])
+    strict = json.loads((tmp_path / "strict.json").read_text())
+    alone = max((r for r in strict["dev"] if "," not in r["cells"] and r["beam_size"] == 2),
+                key=lambda r: (r["bleu4"], r["cider_d"]))
+    assert strict["pick"] == alone
+    assert list(strict["test"])[:2] == ["dev pick", "dev best"] or best == alone
 
 
 def test_onnx_export_writes_the_chosen_cell_and_refuses_an_ensemble(three_cells, tmp_path):
@@ -246,3 +254,13 @@ def test_the_memory_bench_measures_every_cell_a_model_file_holds(three_cells, tm
     assert [r["cell"] for r in result["cells"]] == ["lstm", "gru", "rnn"]
     assert all(r["gradient_relative_by_steps_back"][0] == 1.0 for r in result["cells"])
     assert (tmp_path / "m.png").stat().st_size > 0
+
+
+def test_the_latency_bench_times_each_cell_and_mix_in_turn(three_cells, tiny_flickr8k, tmp_path):
+    model, _ = three_cells
+    load_bench("cell_latency").main(["--checkpoint", str(model), "--folder", str(tiny_flickr8k / "images"),
+                                     "--calls", "3", "--cells", "rnn", "gru:0.5,lstm:0.5", "--out", str(tmp_path),
+                                     "--name", "t"])
+    result = json.loads((tmp_path / "t.json").read_text())
+    assert list(result["latency"]) == ["rnn", "gru:0.5,lstm:0.5"] and result["calls"] == 3
+    assert all(0 < r["median_ms"] <= r["p90_ms"] for r in result["latency"].values())

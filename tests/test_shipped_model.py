@@ -11,6 +11,7 @@ import torch
 from captioner import Captioner
 from captioner.cli import main
 from captioner.inference import DEFAULT_CHECKPOINT, EXAMPLES_DIR
+from captioner.webapp import COMPARE
 from conftest import REPO, SHARED_FLICKR8K, free_port
 
 SHARED_COCO_OOD = SHARED_FLICKR8K.parent / "coco-ood-dev"
@@ -19,7 +20,7 @@ pytestmark = pytest.mark.skipif(not DEFAULT_CHECKPOINT.is_file(), reason="no shi
 
 
 def test_shipped_model_is_small_and_self_describing():
-    assert DEFAULT_CHECKPOINT.stat().st_size < 25e6
+    assert DEFAULT_CHECKPOINT.stat().st_size < 40e6  # three cells and the tag decoder, in fp16
     payload = torch.load(DEFAULT_CHECKPOINT, map_location="cpu", weights_only=True)
     assert payload["config"]["encoder"]["name"] == "efficientnet_lite0"
     assert payload["provenance"]["dataset"] == "flickr8k" and "training" not in payload
@@ -31,6 +32,21 @@ def test_default_captioner_describes_example_photos_differently():
     captions = [c.text for c in captioner.caption(photos, beam_size=3)]
     assert all(len(c.split()) >= 3 for c in captions)
     assert len(set(captions)) == len(captions), captions  # not the same caption for every image
+
+
+def test_shipped_model_holds_three_cells_and_each_writes_its_own_captions(capsys):
+    """`captioner caption PHOTOS --cell X` for each cell: the cells' captions differ where the cells differ."""
+    assert sorted(Captioner.from_checkpoint().cells) == ["gru", "lstm", "rnn"]
+    # Routing off, so that every photo keeps its photo decoder's caption (the tag decoder writes the same for all).
+    photo_decoder_only = [arg for key in ("unsure_below", "unseen_dog_below", "unseen_person_below")
+                          for arg in ("--set", f"routing.{key}=0")]
+    by_cell = {}
+    for cell in ("rnn", "lstm", "gru"):
+        assert main(["caption", str(EXAMPLES_DIR), "--cell", cell, "--no-progress", *photo_decoder_only]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == len(list(EXAMPLES_DIR.glob("*.jpg"))) and all("\t" in line for line in lines)
+        by_cell[cell] = lines
+    assert len({tuple(lines) for lines in by_cell.values()}) == 3, by_cell
 
 
 def test_a_photo_alone_gets_the_caption_it_gets_in_a_batch():
@@ -110,10 +126,35 @@ def test_python_app_py_serves_the_shipped_model(tmp_path):
                 if server.poll() is not None or time.time() > deadline:
                     pytest.fail(f"app.py did not start: {server.stderr.read()[-2000:]}")
                 time.sleep(0.5)
-        gallery, table = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(
-            [handle_file(str(EXAMPLES_DIR / "astronaut.jpg"))], "beam", 3, 20, 0.0, 3, 2, api_name="/caption")
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        photo = [handle_file(str(EXAMPLES_DIR / "astronaut.jpg"))]
+        gallery, table = client.predict(photo, "beam", 3, 20, 0.0, 3, 2, api_name="/caption")
         assert len(gallery) == 1 and len(gallery[0]["caption"].split()) >= 3
         assert [row[1] for row in table["data"]] == [1, 2]
+        gallery, _ = client.predict(photo, "beam", 3, 20, 0.0, 3, 1, COMPARE, api_name="/caption")
+        assert [line.split(" ")[0] for line in gallery[0]["caption"].splitlines()] == ["gru", "lstm", "rnn"]
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_a_wheel_of_the_package_ships_the_model_files(tmp_path):
+    """`pip install .` (not only -e) gets the model with its three cells, its card and the example photos."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    pytest.importorskip("setuptools", reason="builds the wheel without network, with the installed setuptools")
+    source = tmp_path / "source"
+    shutil.copytree(REPO / "captioner", source / "captioner", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp_path / "dist"), str(source)], check=True, cwd=tmp_path)
+    wheel = next((tmp_path / "dist").glob("captioner-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = {info.filename: info.file_size for info in archive.infolist()}
+    assert shipped["captioner/models/default.pt"] == DEFAULT_CHECKPOINT.stat().st_size
+    assert "captioner/models/MODEL_CARD.md" in shipped and "captioner/concept_words.tsv" in shipped
+    assert {f"captioner/examples/{p.name}" for p in EXAMPLES_DIR.glob("*.jpg")} <= set(shipped)
