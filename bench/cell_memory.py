@@ -18,7 +18,6 @@ Writes <name>.png (the three panels), <name>.json (every number) and <name>.md (
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -35,17 +34,7 @@ from captioner.evaluate import prepare_features, readable
 from captioner.files import read_metrics, write_results
 from captioner.train import caption_tensor
 
-
-def _load_beside(name: str):
-    """bench/<name>.py, the research module beside this script, loaded by path: bench/ is no package,
-    and a plain `import` finds a sibling only when this file runs as a script, not when a test loads it."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-memory = _load_beside("memory")  # bench/memory.py
+import memory  # bench/memory.py: beside this script (tests put bench/ on the path, pyproject.toml)
 
 
 def dev_features(config: Config, fingerprint: str, cache: dict) -> tuple[list, torch.Tensor]:

@@ -10,11 +10,9 @@ Captions from tags (the fallback) are left alone. Writes bench/results/constrain
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
@@ -28,18 +26,7 @@ from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.metrics import caption_scores, overlap_scores, without_person_dog
 from captioner.text import tokenize
 
-
-def _load_beside(name: str):
-    """bench/<name>.py, the research module beside this script, loaded by path: bench/ is no package,
-    and a plain `import` finds a sibling only when this file runs as a script, not when a test loads it."""
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # as `import` does: @dataclass looks the module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-constrained_search = _load_beside("constrained_search")  # bench/constrained_search.py
+import constrained_search  # bench/constrained_search.py, beside this script
 
 
 def constrain(captioner: Captioner, features: torch.Tensor, captions: list, above: float) -> tuple[list[str], list]:

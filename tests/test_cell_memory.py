@@ -1,9 +1,7 @@
 """bench/memory.py and bench/cell_memory.py: how far back a decoder remembers, on tiny models."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -11,16 +9,10 @@ import torch
 from captioner.config import DecoderConfig
 from captioner.decoder import CaptionDecoder
 
-
-def _load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import cell_memory  # bench/, on pytest's path (pyproject.toml)
+import memory
 
 
-memory = _load_bench("memory")
-cell_memory = _load_bench("cell_memory")
 
 VOCAB, FEATURES, HIDDEN = 12, 6, 8
 

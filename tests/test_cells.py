@@ -2,10 +2,8 @@
 ensemble in greedy and beam search (exact against exhaustive search, in PyTorch and on ONNX Runtime)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +15,10 @@ from captioner.decoder import Ensemble
 from captioner import search
 from captioner.search import beam_search, greedy_search
 from test_search import best_caption, exhaustive_captions, random_decoder, random_features
+
+import cell_latency  # bench/, on pytest's path (pyproject.toml)
+import cell_memory
+import tune_cells
 
 CELLS = ("gru", "lstm", "rnn")
 
@@ -204,15 +206,7 @@ def test_the_app_compares_the_cells_side_by_side_on_a_users_photo(three_cells, t
     assert [row[TABLE_HEADERS.index("cell")] for row in table] == ["rnn"]
 
 
-def load_bench(name: str):
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).parents[1] / "bench" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_pick_only(three_cells, tmp_path):
-    tune_cells = load_bench("tune_cells")
     assert tune_cells.candidates(["gru", "lstm"], 0.25) == ["gru", "lstm", "gru:0.25,lstm:0.75", "gru:0.5,lstm:0.5",
                                                            "gru:0.75,lstm:0.25"]
     model, _ = three_cells
@@ -248,7 +242,7 @@ def test_onnx_export_writes_the_chosen_cell_and_refuses_an_ensemble(three_cells,
 
 def test_the_memory_bench_measures_every_cell_a_model_file_holds(three_cells, tmp_path):
     model, _ = three_cells
-    assert load_bench("cell_memory").main(["--model", str(model), "--length", "7", "--out", str(tmp_path),
+    assert cell_memory.main(["--model", str(model), "--length", "7", "--out", str(tmp_path),
                                            "--name", "m"]) == 0
     result = json.loads((tmp_path / "m.json").read_text())
     assert [r["cell"] for r in result["cells"]] == ["lstm", "gru", "rnn"]
@@ -258,7 +252,7 @@ def test_the_memory_bench_measures_every_cell_a_model_file_holds(three_cells, tm
 
 def test_the_latency_bench_times_each_cell_and_mix_in_turn(three_cells, tiny_flickr8k, tmp_path):
     model, _ = three_cells
-    load_bench("cell_latency").main(["--checkpoint", str(model), "--folder", str(tiny_flickr8k / "images"),
+    cell_latency.main(["--checkpoint", str(model), "--folder", str(tiny_flickr8k / "images"),
                                      "--calls", "3", "--cells", "rnn", "gru:0.5,lstm:0.5", "--out", str(tmp_path),
                                      "--name", "t"])
     result = json.loads((tmp_path / "t.json").read_text())

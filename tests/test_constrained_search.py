@@ -3,9 +3,6 @@ models, beam search's captions for images without word sets, and what comes back
 satisfy them all."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,11 +10,8 @@ from test_search import A, B, C, MarkovModel, best_caption, exhaustive_captions,
 
 from captioner.search import BOS_ID, EOS_ID, beam_search
 
-_spec = importlib.util.spec_from_file_location("constrained_search",
-                                               Path(__file__).parents[1] / "bench" / "constrained_search.py")
-constrained_search = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = constrained_search  # as `import` does: @dataclass looks the module up there
-_spec.loader.exec_module(constrained_search)
+import constrained_search  # bench/, on pytest's path (pyproject.toml)
+
 constrained_beam_search = constrained_search.constrained_beam_search
 
 D = 7

@@ -1,16 +1,13 @@
 """bench/sweep.py: several trainings of one config, compared on dev in one table and one plot."""
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 
 import yaml
 
 from conftest import tiny_config
 
-_spec = importlib.util.spec_from_file_location("sweep", Path(__file__).parents[1] / "bench" / "sweep.py")
-sweep = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sweep)
+import sweep  # bench/, on pytest's path (pyproject.toml)
+
 
 
 def _setup(tiny_flickr8k, tmp_path, lines: str):
