@@ -22,6 +22,8 @@ import torch
 from captioner.files import write_results
 from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 
+from speed import percentile  # bench/speed.py's nearest-rank percentile, beside this script
+
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
             seconds[cells].append(time.perf_counter() - start)
 
     rows = {cells: {"median_ms": round(1000 * statistics.median(s), 1),
-                    "p90_ms": round(1000 * statistics.quantiles(s, n=10)[-1], 1)} for cells, s in seconds.items()}
+                    "p90_ms": round(1000 * percentile(s, 0.9), 1)} for cells, s in seconds.items()}
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
     report = [f"`python {' '.join(sys.argv)}`: one photo per call, `{args.checkpoint}` at beam "
               f"{captioner.config.decode.beam_size}, {len(photos) - 5} calls per setting, taking turns. Machine: {machine}; "
