@@ -53,6 +53,17 @@ def scored(captioner: Captioner, split: tuple, cells: str, beam_size: int) -> di
             "person_dog_hallucination": scores["person_dog_hallucination"], "from_tags": round(scores["from_tags"], 4)}
 
 
+def featured_splits(captioner: Captioner, names: tuple[str, ...]) -> dict[str, tuple]:
+    """The model's dataset splits as (features, records), its readable photos only, features from the cache."""
+    dataset = load_dataset(captioner.config.data)
+    table, _ = prepare_features(captioner.config, dataset, captioner.device, progress=True, encoder=captioner.encoder)
+    splits = {}
+    for split in names:
+        records = readable(dataset.split(split), table)
+        splits[split] = (table.lookup([r.path for r in records]), records)
+    return splits
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.relpath(DEFAULT_CHECKPOINT))
@@ -70,12 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
     captioner = Captioner.from_checkpoint(args.checkpoint, settings=settings)
     config = captioner.config
-    dataset = load_dataset(config.data)
-    table, _ = prepare_features(config, dataset, captioner.device, progress=True, encoder=captioner.encoder)
-    splits = {}
-    for split in ("dev", "test"):
-        records = readable(dataset.split(split), table)
-        splits[split] = (table.lookup([r.path for r in records]), records)
+    splits = featured_splits(captioner, ("dev", "test"))
 
     own_beam = config.decode.beam_size
     grid = []

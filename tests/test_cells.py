@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
 from captioner import Captioner
 from captioner.cli import main
+from captioner.checkpoint import CheckpointError
 from captioner.config import ConfigError, cell_weights, load_config
 from captioner.decoder import Ensemble
 from captioner import search
@@ -18,6 +20,7 @@ from test_search import best_caption, exhaustive_captions, random_decoder, rando
 
 import cell_latency  # bench/, on pytest's path (pyproject.toml)
 import cell_memory
+import seed_partner
 import tune_cells
 
 CELLS = ("gru", "lstm", "rnn")
@@ -227,6 +230,39 @@ def test_tune_cells_picks_cells_weights_and_beam_on_dev_and_scores_test_for_the_
                 key=lambda r: (r["bleu4"], r["cider_d"]))
     assert strict["pick"] == alone
     assert list(strict["test"])[:2] == ["dev pick", "dev best"] or best == alone
+
+
+def test_the_seed_partner_bench_mixes_a_second_run_of_the_models_cell_into_it(three_cells, trained, tiny_flickr8k,
+                                                                               tmp_path):
+    """w = 1 is the model as it ships, w = 0 the partner alone (its own checkpoint's captions), between: a mixture."""
+    model, work = three_cells
+    _, lstm_run = trained
+    partner = lstm_run / "last.pt"  # another LSTM of the same data: the run's last epoch, not its best
+    seed_partner.main(["--checkpoint", str(model), "--partner", str(partner), "--weights", "1", "0.5", "0",
+                       "--out", str(tmp_path), "--name", "p"])
+    rows = {r["model_weight"]: r for r in json.loads((tmp_path / "p.json").read_text())["dev"]}
+    dev = {name: tune_cells.featured_splits(Captioner.from_checkpoint(path), ("dev",))["dev"]
+           for name, path in (("model", model), ("partner", partner))}
+    beam = Captioner.from_checkpoint(model).config.decode.beam_size
+    as_shipped = tune_cells.scored(Captioner.from_checkpoint(model), dev["model"], "lstm", beam)
+    alone = tune_cells.scored(Captioner.from_checkpoint(partner), dev["partner"], "lstm", beam)
+    assert as_shipped["bleu4"] != alone["bleu4"]  # two different decoders, so the rows below tell them apart
+    assert {k: rows[1][k] for k in tune_cells.METRICS} == {k: as_shipped[k] for k in tune_cells.METRICS}
+    assert {k: rows[0][k] for k in tune_cells.METRICS} == {k: alone[k] for k in tune_cells.METRICS}
+    assert "| 0.5 |" in (tmp_path / "p.md").read_text()
+    folder = tmp_path / "photos-unlike-these"
+    (folder / "images").mkdir(parents=True)
+    for photo in sorted((tiny_flickr8k / "images").glob("*.jpg"))[:6]:
+        shutil.copy(photo, folder / "images" / photo.name)
+        with (folder / "refs.jsonl").open("a") as refs:
+            refs.write(json.dumps({"image": photo.name, "refs": ["a red ball on the grass"]}) + "\n")
+    seed_partner.main(["--checkpoint", str(model), "--partner", str(partner), "--weights", "0.5", "--cells",
+                       "lstm:0.5,gru:0.5", "--folders", str(folder), "--out", str(tmp_path), "--name", "with-gru"])
+    row = json.loads((tmp_path / "with-gru.json").read_text())["dev"][0]
+    assert row["cells"] == "lstm:0.5,gru:0.5"  # the mixed LSTM writes with the GRU
+    assert set(row["photos-unlike-these"]) == {"cider_d", "person_dog_hallucination"}
+    with pytest.raises(CheckpointError, match=r"a gru decoder .* the model's cell \(lstm\)"):
+        seed_partner.main(["--checkpoint", str(model), "--partner", str(work / "gru" / "best.pt"), "--out", str(tmp_path)])
 
 
 def test_onnx_export_writes_the_chosen_cell_and_refuses_an_ensemble(three_cells, tmp_path):
