@@ -25,6 +25,22 @@ from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from speed import percentile  # bench/speed.py's nearest-rank percentile, beside this script
 
 
+def latencies(captioners: dict[str, Captioner], photos: list[Path], warm_up: int = 5) -> dict[str, dict]:
+    """Median and 90th percentile ms of Captioner.caption(photo) per setting, after `warm_up` untimed photos
+    (each setting's sessions and caches); the settings take turns, one call each."""
+    for photo in photos[:warm_up]:
+        for captioner in captioners.values():
+            captioner.caption(photo)
+    seconds = {name: [] for name in captioners}
+    for photo in photos[warm_up:]:
+        for name, captioner in captioners.items():
+            start = time.perf_counter()
+            captioner.caption(photo)
+            seconds[name].append(time.perf_counter() - start)
+    return {name: {"median_ms": round(1000 * statistics.median(s), 1), "p90_ms": round(1000 * percentile(s, 0.9), 1)}
+            for name, s in seconds.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.relpath(DEFAULT_CHECKPOINT))
@@ -38,18 +54,7 @@ def main(argv: list[str] | None = None) -> None:
 
     captioner = Captioner.from_checkpoint(args.checkpoint)
     photos = sorted(Path(args.folder).glob("*.jpg"))[:args.calls + 5]
-    for photo in photos[:5]:
-        for cells in args.cells:
-            captioner.caption(photo, cells=cells)  # warm-up: each setting's sessions and caches
-    seconds = {cells: [] for cells in args.cells}
-    for photo in photos[5:]:
-        for cells in args.cells:
-            start = time.perf_counter()
-            captioner.caption(photo, cells=cells)
-            seconds[cells].append(time.perf_counter() - start)
-
-    rows = {cells: {"median_ms": round(1000 * statistics.median(s), 1),
-                    "p90_ms": round(1000 * percentile(s, 0.9), 1)} for cells, s in seconds.items()}
+    rows = latencies({cells: captioner.with_settings(f"decode.cells={cells}") for cells in args.cells}, photos)
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads"
     report = [f"`python {' '.join(sys.argv)}`: one photo per call, `{args.checkpoint}` at beam "
               f"{captioner.config.decode.beam_size}, {len(photos) - 5} calls per setting, taking turns. Machine: {machine}; "

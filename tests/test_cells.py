@@ -20,6 +20,7 @@ from test_search import best_caption, exhaustive_captions, random_decoder, rando
 
 import cell_latency  # bench/, on pytest's path (pyproject.toml)
 import cell_memory
+import int8_steps
 import seed_partner
 import tune_cells
 
@@ -263,6 +264,30 @@ def test_the_seed_partner_bench_mixes_a_second_run_of_the_models_cell_into_it(th
     assert set(row["photos-unlike-these"]) == {"cider_d", "person_dog_hallucination"}
     with pytest.raises(CheckpointError, match=r"a gru decoder .* the model's cell \(lstm\)"):
         seed_partner.main(["--checkpoint", str(model), "--partner", str(work / "gru" / "best.pt"), "--out", str(tmp_path)])
+
+
+def test_the_int8_steps_bench_scores_and_times_each_setting_with_fp32_and_int8_steps(three_cells, trained,
+                                                                                  tiny_flickr8k, tmp_path):
+    pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    model, _ = three_cells
+    _, lstm_run = trained
+    int8_steps.main(["--checkpoint", str(model), "--folder", str(tiny_flickr8k / "images"), "--cells", "lstm",
+                     "lstm:0.5,gru:0.5", "--partner", str(lstm_run / "last.pt"), "--calls", "2", "--out", str(tmp_path),
+                     "--name", "i"])
+    rows = json.loads((tmp_path / "i.json").read_text())["rows"]
+    assert list(rows) == ["lstm fp32", "lstm int8", "lstm:0.5,gru:0.5 fp32", "lstm:0.5,gru:0.5 int8",
+                          "lstm:0.4 + partner:0.6 fp32", "lstm:0.4 + partner:0.6 int8"]
+    assert all(r["median_ms"] > 0 and 0 <= r["changed_captions"] for r in rows.values())
+    assert all(rows[name]["changed_captions"] == 0 for name in rows if name.endswith("fp32"))  # the reference itself
+    # The int8 steps write nearly the same captions (near-ties may flip), through int8 graphs.
+    fp32 = Captioner.from_checkpoint(model, runtime="onnx")
+    int8 = int8_steps.with_int8_steps(fp32)
+    photos = sorted((tiny_flickr8k / "images").glob("*.jpg"))[:8]
+    same = sum(a.text == b.text for a, b in zip(fp32.caption(photos), int8.caption(photos)))
+    assert same >= 6
+    graph = onnx.load(int8.writer.stepped["lstm"].int8_graph)
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= {node.op_type for node in graph.graph.node}
 
 
 def test_onnx_export_writes_the_chosen_cell_and_refuses_an_ensemble(three_cells, tmp_path):
