@@ -31,7 +31,7 @@ from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.onnx_runtime import DecoderSession, decoder_step_graph, inference_session
 
 from cell_latency import latencies  # bench/, beside this script
-from seed_partner import load_partner, with_partner
+from seed_partner import load_partner, with_partners
 from tune_cells import featured_splits
 
 
@@ -83,8 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.partner:
         partner = load_partner(fp32, args.partner)
         mix = f"{fp32.decoder.cell}:{args.partner_weight:g} + partner:{1 - args.partner_weight:g}"
-        runs[f"{mix} fp32"] = with_partner(fp32, partner, args.partner_weight)
-        runs[f"{mix} int8"] = with_partner(int8, Int8StepSession(partner.decoder), args.partner_weight)
+        runs[f"{mix} fp32"] = with_partners(fp32, [partner], args.partner_weight)
+        runs[f"{mix} int8"] = with_partners(int8, [Int8StepSession(partner.decoder)], args.partner_weight)
 
     features, records = featured_splits(fp32, ("dev",))["dev"]
     rows, texts = {}, {}

@@ -1,16 +1,17 @@
-"""Whether a second training of the model's own cell (another seed) pays as its ensemble partner, on dev.
+"""Whether other trainings of the model's own cell (other seeds) pay as its ensemble partners, on dev.
 
-    python bench/seed_partner.py --partner CKPT [--checkpoint captioner/models/default.pt] [--data-root DIR]
-                                 [--weights 1 0.7 0.6 0.5 0.4 0.3 0] [--cells CELLS] [--folders DIR ...]
-                                 [--out bench/results] [--name seed-partner]
+    python bench/seed_partner.py --partner CKPT [CKPT ...] [--checkpoint captioner/models/default.pt]
+                                 [--data-root DIR] [--weights 1 0.7 0.6 0.5 0.4 0.3 0] [--cells CELLS]
+                                 [--folders DIR ...] [--out bench/results] [--name seed-partner]
 
 A model file holds one photo decoder per cell, so for this run the model's own cell becomes the ensemble
-(decoder.Ensemble) of its decoder, weight w, and the partner's, weight 1 - w: w = 1 is the model as it is,
-w = 0 the partner alone. Each is captioned as `captioner caption` captions (routing and tag decoder included)
-on the dev split at the model's beam size; with --cells (decode.cells, e.g. gru:0.7,lstm:0.3) the
-mixed cell writes with the model's others; --folders (refs.jsonl folders, e.g. coco-ood-dev) are scored
-too, as bench/ood.py scores them (CIDEr-D, person/dog hallucination). Dev sets only: it answers whether shipping a partner would pay
-(tune_cells.py's --min-gain is the bar), and the two ends compare two seeds of one recipe.
+(decoder.Ensemble) of its decoder, weight w, and the partners, sharing 1 - w equally: w = 1 is the model as
+it is, w = 0 the partners alone. Each is captioned as `captioner caption` captions (routing and tag decoder
+included) on the dev split at the model's beam size; with --cells (decode.cells, e.g. gru:0.7,lstm:0.3)
+the mixed cell writes with the model's others; --folders (refs.jsonl folders, e.g. coco-ood-dev) are
+scored too, as bench/ood.py scores them (CIDEr-D, person/dog hallucination). Dev sets only: it answers
+whether shipping partners would pay (tune_cells.py's --min-gain is the bar), and with one partner the two
+ends compare two seeds of one recipe.
 Writes NAME.md and NAME.json.
 """
 from __future__ import annotations
@@ -48,14 +49,14 @@ def load_partner(captioner: Captioner, path: str):
     return stepper(partner.to(captioner.device).eval())
 
 
-def with_partner(captioner: Captioner, partner, weight: float) -> Captioner:
-    """The captioner whose own cell steps w x its decoder's distribution + (1 - w) x the partner's."""
+def with_partners(captioner: Captioner, partners: list, weight: float) -> Captioner:
+    """The captioner whose own cell steps w x its decoder's distribution + (1 - w) x the partners' (equal shares)."""
     own = captioner.decoder.cell
-    model = captioner.writer.stepped[own]
-    if weight in (0, 1):
-        searched = model if weight == 1 else partner
-    else:
-        searched = Ensemble({"model": model, "partner": partner}, {"model": weight, "partner": 1 - weight})
+    members = {"model": captioner.writer.stepped[own]} if weight > 0 else {}
+    if weight < 1:
+        members.update({f"partner {i + 1}": partner for i, partner in enumerate(partners)})
+    weights = {name: weight if name == "model" else (1 - weight) / len(partners) for name in members}
+    searched = next(iter(members.values())) if len(members) == 1 else Ensemble(members, weights)
     writer = copy.copy(captioner.writer)
     writer.stepped = {**writer.stepped, own: searched}
     changed = copy.copy(captioner)
@@ -66,10 +67,10 @@ def with_partner(captioner: Captioner, partner, weight: float) -> Captioner:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", default=os.path.relpath(DEFAULT_CHECKPOINT))
-    parser.add_argument("--partner", required=True, help="a checkpoint of the model's own cell, same data")
+    parser.add_argument("--partner", nargs="+", required=True, help="checkpoints of the model's own cell, same data")
     parser.add_argument("--data-root", help="where the checkpoint's dataset is, if not at its data.root")
     parser.add_argument("--weights", type=float, nargs="+", default=[1, 0.7, 0.6, 0.5, 0.4, 0.3, 0],
-                        help="the model's weight w; the partner's is 1 - w")
+                        help="the model's weight w; the partners share 1 - w")
     parser.add_argument("--cells", default="", help="decode.cells to caption with (default: the model's own cell)")
     parser.add_argument("--folders", nargs="*", default=[], help="dev folders with refs.jsonl (e.g. coco-ood-dev)")
     parser.add_argument("--out", default="bench/results")
@@ -81,10 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     dev = featured_splits(captioner, ("dev",))["dev"]
     beam, own = captioner.config.decode.beam_size, captioner.decoder.cell
     cells = args.cells or own
-    partner = load_partner(captioner, args.partner)
+    partners = [load_partner(captioner, path) for path in args.partner]
     rows = []
     for weight in args.weights:
-        mixed = with_partner(captioner, partner, weight)
+        mixed = with_partners(captioner, partners, weight)
         rows.append({"model_weight": weight, **scored(mixed, dev, cells, beam)})
         for folder in args.folders:
             scores, _ = score_records(mixed.with_settings(f"decode.cells={cells}"), load_refs_folder(folder).split("test"),
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> None:
             rows[-1][Path(folder).name] = {k: scores[k] for k in ("cider_d", "person_dog_hallucination")}
         print(json.dumps(rows[-1]), flush=True)
 
-    write(args, rows, f"`{args.checkpoint}`'s {own} decoder (weight w) mixed with `{args.partner}` (weight 1 - w) "
+    partners_named = ", ".join(f"`{path}`" for path in args.partner)
+    write(args, rows, f"`{args.checkpoint}`'s {own} decoder (weight w) mixed with {partners_named} (weight 1 - w) "
                       f"on Flickr8k dev at beam {beam}, captioned as `captioner caption` captions (routing included), "
                       f"decode.cells `{cells}`")
 

@@ -251,6 +251,11 @@ def test_the_seed_partner_bench_mixes_a_second_run_of_the_models_cell_into_it(th
     assert {k: rows[1][k] for k in tune_cells.METRICS} == {k: as_shipped[k] for k in tune_cells.METRICS}
     assert {k: rows[0][k] for k in tune_cells.METRICS} == {k: alone[k] for k in tune_cells.METRICS}
     assert "| 0.5 |" in (tmp_path / "p.md").read_text()
+    # Two partners share 1 - w: the same checkpoint twice is that checkpoint.
+    seed_partner.main(["--checkpoint", str(model), "--partner", str(partner), str(partner), "--weights", "0",
+                       "--out", str(tmp_path), "--name", "twice"])
+    twice = json.loads((tmp_path / "twice.json").read_text())["dev"][0]
+    assert {k: twice[k] for k in tune_cells.METRICS} == {k: alone[k] for k in tune_cells.METRICS}
     folder = tmp_path / "photos-unlike-these"
     (folder / "images").mkdir(parents=True)
     for photo in sorted((tiny_flickr8k / "images").glob("*.jpg"))[:6]:
