@@ -46,7 +46,7 @@ class Int8StepSession(DecoderSession):
             if not isinstance(graph, Path):  # an unwritable cache hands back bytes: quantize from a file
                 graph, graph_bytes = Path(tempfile.mkdtemp()) / "step.onnx", graph
                 graph.write_bytes(graph_bytes)
-            int8 = graph.with_name(graph.stem + "-int8steps.onnx")
+            int8 = graph.with_name("int8-steps-" + graph.name)  # a name the cache's clean-up of step graphs skips
             if not int8.is_file():
                 quantize_dynamic(graph, int8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gemm"])
             self.int8_graph, self._session = int8, inference_session(int8, self.threads)
@@ -54,6 +54,7 @@ class Int8StepSession(DecoderSession):
 
 
 def with_int8_steps(captioner: Captioner) -> Captioner:
+    """The same captioner, every cell stepping on its int8 graph."""
     changed, writer = copy.copy(captioner), copy.copy(captioner.writer)
     writer.stepped = {cell: Int8StepSession(decoder) for cell, decoder in captioner.writer.decoders.items()}
     changed.writer = writer
