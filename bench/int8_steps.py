@@ -15,7 +15,6 @@ Writes NAME.md and NAME.json.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -31,7 +30,7 @@ from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.onnx_runtime import DecoderSession, decoder_step_graph, inference_session
 
 from cell_latency import latencies  # bench/, beside this script
-from seed_partner import load_partner, with_partners
+from seed_partner import load_partner, with_partners, with_stepped
 from tune_cells import featured_splits
 
 
@@ -55,10 +54,7 @@ class Int8StepSession(DecoderSession):
 
 def with_int8_steps(captioner: Captioner) -> Captioner:
     """The same captioner, every cell stepping on its int8 graph."""
-    changed, writer = copy.copy(captioner), copy.copy(captioner.writer)
-    writer.stepped = {cell: Int8StepSession(decoder) for cell, decoder in captioner.writer.decoders.items()}
-    changed.writer = writer
-    return changed
+    return with_stepped(captioner, {cell: Int8StepSession(d) for cell, d in captioner.writer.decoders.items()})
 
 
 def main(argv: list[str] | None = None) -> None:

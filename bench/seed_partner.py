@@ -57,9 +57,13 @@ def with_partners(captioner: Captioner, partners: list, weight: float) -> Captio
         members.update({f"partner {i + 1}": partner for i, partner in enumerate(partners)})
     weights = {name: weight if name == "model" else (1 - weight) / len(partners) for name in members}
     searched = next(iter(members.values())) if len(members) == 1 else Ensemble(members, weights)
-    writer = copy.copy(captioner.writer)
-    writer.stepped = {**writer.stepped, own: searched}
-    changed = copy.copy(captioner)
+    return with_stepped(captioner, {**captioner.writer.stepped, own: searched})
+
+
+def with_stepped(captioner: Captioner, stepped: dict) -> Captioner:
+    """The same captioner whose searches step `stepped` (by cell) in place of its own decoders' steppers."""
+    changed, writer = copy.copy(captioner), copy.copy(captioner.writer)
+    writer.stepped = stepped
     changed.writer = writer
     return changed
 
@@ -83,14 +87,14 @@ def main(argv: list[str] | None = None) -> None:
     beam, own = captioner.config.decode.beam_size, captioner.decoder.cell
     cells = args.cells or own
     partners = [load_partner(captioner, path) for path in args.partner]
+    folders = {Path(folder).name: load_refs_folder(folder).split("test") for folder in args.folders}
     rows = []
     for weight in args.weights:
         mixed = with_partners(captioner, partners, weight)
         rows.append({"model_weight": weight, **scored(mixed, dev, cells, beam)})
-        for folder in args.folders:
-            scores, _ = score_records(mixed.with_settings(f"decode.cells={cells}"), load_refs_folder(folder).split("test"),
-                                      captioner.config.train.cache_dir)
-            rows[-1][Path(folder).name] = {k: scores[k] for k in ("cider_d", "person_dog_hallucination")}
+        for folder, records in folders.items():
+            scores, _ = score_records(mixed.with_settings(f"decode.cells={cells}"), records, captioner.config.train.cache_dir)
+            rows[-1][folder] = {k: scores[k] for k in ("cider_d", "person_dog_hallucination")}
         print(json.dumps(rows[-1]), flush=True)
 
     partners_named = ", ".join(f"`{path}`" for path in args.partner)
