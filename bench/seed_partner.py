@@ -68,11 +68,23 @@ def with_stepped(captioner: Captioner, stepped: dict) -> Captioner:
     return changed
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
+    """--checkpoint, --partner and --data-root: the model, the other runs of its cell, and their dataset."""
     parser.add_argument("--checkpoint", default=os.path.relpath(DEFAULT_CHECKPOINT))
     parser.add_argument("--partner", nargs="+", required=True, help="checkpoints of the model's own cell, same data")
     parser.add_argument("--data-root", help="where the checkpoint's dataset is, if not at its data.root")
+
+
+def load_mix(args: argparse.Namespace) -> tuple[Captioner, list]:
+    """The model (reading its dataset at --data-root) and its partners, as its searches step them."""
+    settings = [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
+    captioner = Captioner.from_checkpoint(args.checkpoint, settings=settings)
+    return captioner, [load_partner(captioner, path) for path in args.partner]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_mix_arguments(parser)
     parser.add_argument("--weights", type=float, nargs="+", default=[1, 0.7, 0.6, 0.5, 0.4, 0.3, 0],
                         help="the model's weight w; the partners share 1 - w")
     parser.add_argument("--cells", default="", help="decode.cells to caption with (default: the model's own cell)")
@@ -81,12 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="seed-partner", help="writes NAME.md and NAME.json")
     args = parser.parse_args(argv)
 
-    settings = [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
-    captioner = Captioner.from_checkpoint(args.checkpoint, settings=settings)
+    captioner, partners = load_mix(args)
     dev = featured_splits(captioner, ("dev",))["dev"]
     beam, own = captioner.config.decode.beam_size, captioner.decoder.cell
     cells = args.cells or own
-    partners = [load_partner(captioner, path) for path in args.partner]
     folders = {Path(folder).name: load_refs_folder(folder).split("test") for folder in args.folders}
     rows = []
     for weight in args.weights:

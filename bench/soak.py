@@ -32,6 +32,7 @@ from PIL import Image
 
 from captioner.files import write_results
 from captioner.inference import example_photos
+from speed import percentile  # bench/speed.py's nearest-rank percentile, beside this script
 
 REPO = Path(__file__).resolve().parents[1]
 MIB = 1024 * 1024
@@ -171,13 +172,6 @@ def folder_size(folder: Path) -> tuple[float, int]:
             except FileNotFoundError:
                 continue
     return sum(sizes) / MIB, len(sizes)
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def sample(load: Load, pid: int, temp: Path, began: float, since: float) -> dict:

@@ -13,13 +13,16 @@ from captioner import Captioner
 from captioner.cli import main
 from captioner.checkpoint import CheckpointError
 from captioner.config import ConfigError, cell_weights, load_config
+from captioner.data import load_csv, load_dataset
 from captioner.decoder import Ensemble
+from captioner.describe import decode_features
 from captioner import search
 from captioner.search import beam_search, greedy_search
 from test_search import best_caption, exhaustive_captions, random_decoder, random_features
 
 import cell_latency  # bench/, on pytest's path (pyproject.toml)
 import cell_memory
+import distill
 import int8_steps
 import seed_partner
 import tune_cells
@@ -269,6 +272,30 @@ def test_the_seed_partner_bench_mixes_a_second_run_of_the_models_cell_into_it(th
     assert set(row["photos-unlike-these"]) == {"cider_d", "person_dog_hallucination"}
     with pytest.raises(CheckpointError, match=r"a gru decoder .* the model's cell \(lstm\)"):
         seed_partner.main(["--checkpoint", str(model), "--partner", str(work / "gru" / "best.pt"), "--out", str(tmp_path)])
+
+
+def test_the_distill_bench_writes_teacher_captions_for_train_only_and_a_run_trains_on_them(three_cells, trained,
+                                                                                          tiny_flickr8k, tmp_path):
+    """Train photos get the teacher's n best (+ references), dev and test keep their references, the image paths
+    are the dataset's own (one feature cache), and a run starting from the model trains on the file."""
+    model, _ = three_cells
+    config_path, lstm_run = trained
+    teacher = tmp_path / "teacher.csv"
+    distill.main(["--checkpoint", str(model), "--partner", str(lstm_run / "last.pt"), "--weight", "1", "--n-best", "2",
+                  "--references", "1", "--out", str(teacher)])
+    captioner = Captioner.from_checkpoint(model)
+    original, taught = load_dataset(captioner.config.data), load_csv(teacher, tiny_flickr8k / "images")
+    for split in ("dev", "test"):
+        assert sorted((str(r.path), r.captions) for r in taught.split(split)) == \
+            sorted((str(r.path), r.captions) for r in original.split(split))
+    features, records = tune_cells.featured_splits(captioner, ("train",))["train"]
+    best = decode_features(captioner.writer.searched, captioner.vocab, features, captioner.config.decode, 2)
+    written = {str(r.path): r.captions for r in taught.split("train")}  # w = 1: the teacher is the model itself
+    assert written == {str(r.path): [c.text for c in b] + r.captions[:1] for r, b in zip(records, best)}
+    assert main(["train", "--config", str(config_path), "--set", "data.format=csv", "--set",
+                 f"data.annotations={teacher}", "--set", f"data.root={tiny_flickr8k / 'images'}", "--set",
+                 f"train.init_from={model}", "--set", "train.epochs=1", "--set", f"train.out_dir={tmp_path / 'run'}",
+                 "--no-progress"]) == 0
 
 
 def test_the_int8_steps_bench_scores_and_times_each_setting_with_fp32_and_int8_steps(three_cells, trained,
