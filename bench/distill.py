@@ -35,8 +35,7 @@ BATCH = 256
 
 def teacher_rows(captioner: Captioner, features, records, n_best: int, references: int) -> list[dict]:
     """The searched (mixed) decoder's n best captions per train photo, as csv rows, with `references` references."""
-    searched = captioner.writer.stepped[captioner.decoder.cell]
-    decode, rows = captioner.config.decode, []
+    searched, decode, rows = captioner.writer.searched, captioner.config.decode, []
     for start in tqdm(range(0, len(records), BATCH), desc="teacher captions", unit="batch"):
         written = decode_features(searched, captioner.vocab, features[start:start + BATCH], decode, n_best)
         for record, captions in zip(records[start:start + BATCH], written):

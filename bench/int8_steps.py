@@ -31,7 +31,7 @@ from captioner.onnx_runtime import DecoderSession, decoder_step_graph, inference
 
 from cell_latency import latencies  # bench/, beside this script
 from seed_partner import load_partner, with_partners, with_stepped
-from tune_cells import featured_splits
+from tune_cells import featured_splits, load_on_data
 
 
 class Int8StepSession(DecoderSession):
@@ -70,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="int8-steps")
     args = parser.parse_args(argv)
 
-    settings = [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
-    fp32 = Captioner.from_checkpoint(args.checkpoint, settings=settings, runtime="onnx")
+    fp32 = load_on_data(args.checkpoint, args.data_root, runtime="onnx")
     int8 = with_int8_steps(fp32)
     runs = {}
     for cells in args.cells:

@@ -35,7 +35,7 @@ from captioner.inference import DEFAULT_CHECKPOINT, Captioner
 from captioner.onnx_runtime import DecoderSession
 
 from ood import fmt, score_records  # bench/ood.py
-from tune_cells import METRICS, featured_splits, scored  # bench/tune_cells.py, beside this script
+from tune_cells import METRICS, featured_splits, load_on_data, scored  # bench/tune_cells.py, beside this script
 
 
 def load_partner(captioner: Captioner, path: str):
@@ -77,8 +77,7 @@ def add_mix_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_mix(args: argparse.Namespace) -> tuple[Captioner, list]:
     """The model (reading its dataset at --data-root) and its partners, as its searches step them."""
-    settings = [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
-    captioner = Captioner.from_checkpoint(args.checkpoint, settings=settings)
+    captioner = load_on_data(args.checkpoint, args.data_root)
     return captioner, [load_partner(captioner, path) for path in args.partner]
 
 

@@ -53,6 +53,12 @@ def scored(captioner: Captioner, split: tuple, cells: str, beam_size: int) -> di
             "person_dog_hallucination": scores["person_dog_hallucination"], "from_tags": round(scores["from_tags"], 4)}
 
 
+def load_on_data(checkpoint: str, data_root: str | None, **options) -> Captioner:
+    """The checkpoint's captioner, reading its dataset at `data_root` (None: at its data.root)."""
+    settings = [f"data.root={json.dumps(data_root)}"] if data_root else []
+    return Captioner.from_checkpoint(checkpoint, settings=settings, **options)
+
+
 def featured_splits(captioner: Captioner, names: tuple[str, ...]) -> dict[str, tuple]:
     """The model's dataset splits as (features, records), its readable photos only, features from the cache."""
     dataset = load_dataset(captioner.config.data)
@@ -78,8 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="cells-tuning", help="writes NAME.md and NAME.json")
     args = parser.parse_args(argv)
 
-    settings = [f"data.root={json.dumps(args.data_root)}"] if args.data_root else []
-    captioner = Captioner.from_checkpoint(args.checkpoint, settings=settings)
+    captioner = load_on_data(args.checkpoint, args.data_root)
     config = captioner.config
     splits = featured_splits(captioner, ("dev", "test"))
 
